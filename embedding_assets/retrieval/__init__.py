@@ -1,0 +1,130 @@
+"""Top-k template search over a published embedding store (no Dagster import)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from embedding_assets.lib.embedders import Embedder, embedder_for
+from embedding_assets.store import StoreSnapshot, open_store, redact_url
+
+__all__ = ["SearchHit", "TemplateRetriever"]
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One ranked template."""
+
+    rank: int
+    template_id: str
+    score: float
+    category: str
+    subcategory: str
+    question: str
+    answer: str
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+class _Index:
+    """An immutable in-memory copy of one snapshot, ready to search."""
+
+    def __init__(self, snapshot: StoreSnapshot, embedder: Embedder):
+        self.snapshot = snapshot
+        self.embedder = embedder
+        self.matrix = snapshot.matrix
+        self.templates = snapshot.templates
+        self.categories = np.array([t.category for t in snapshot.templates], dtype=object)
+        self.subcategories = np.array([t.subcategory for t in snapshot.templates], dtype=object)
+        self.loaded_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class TemplateRetriever:
+    """Loads one model version of a store into memory and answers top-k queries."""
+
+    def __init__(self, store: str | Path, index: _Index, model_version: str | None):
+        self._store_url = str(store)
+        self._index = index
+        self._pinned_version = model_version
+
+    @classmethod
+    def load(
+        cls, store: str | Path, model_version: str | None = None, embedder: Embedder | None = None
+    ) -> TemplateRetriever:
+        """Load the published templates of `model_version` (default: the store's current version)."""
+        opened = open_store(store, create=False)
+        try:
+            snapshot = opened.snapshot(model_version)
+        finally:
+            opened.close()
+        embedder = embedder or embedder_for(snapshot.version.to_model_version())
+        return cls(store, _Index(snapshot, embedder), model_version)
+
+    def search(
+        self, text: str, top_k: int = 3, category: str | None = None, subcategory: str | None = None
+    ) -> list[SearchHit]:
+        """The top_k templates most similar to text, optionally within a category/subcategory."""
+        text = (text or "").strip()
+        if not text:
+            raise ValueError("query text is empty")
+        if top_k < 1:
+            raise ValueError("top_k must be at least 1")
+        index = self._index
+        mask = np.ones(len(index.templates), dtype=bool)
+        if category is not None:
+            if category not in set(index.categories):
+                raise ValueError(f"unknown category {category!r}")
+            mask &= index.categories == category
+        if subcategory is not None:
+            if subcategory not in set(index.subcategories):
+                raise ValueError(f"unknown subcategory {subcategory!r}")
+            mask &= index.subcategories == subcategory
+        candidates = np.flatnonzero(mask)
+        if candidates.size == 0:
+            return []
+        query = index.embedder.embed_query(text)
+        scores = index.matrix[candidates] @ query if candidates.size < mask.size else index.matrix @ query
+        k = min(top_k, candidates.size)
+        best = np.argpartition(-scores, k - 1)[:k]
+        best = best[np.argsort(-scores[best], kind="stable")]
+        hits = []
+        for rank, position in enumerate(best, start=1):
+            t = index.templates[candidates[position]]
+            hits.append(
+                SearchHit(rank, t.template_id, float(scores[position]), t.category, t.subcategory, t.question, t.answer)
+            )
+        return hits
+
+    def reload_if_changed(self) -> bool:
+        """Reload when the store's generation moved on; True if a new snapshot was loaded."""
+        opened = open_store(self._store_url, create=False)
+        try:
+            if opened.generation() == self._index.snapshot.store_generation:
+                return False
+            snapshot = opened.snapshot(self._pinned_version)
+        finally:
+            opened.close()
+        old = self._index
+        same_model = snapshot.version.fingerprint == old.snapshot.version.fingerprint
+        embedder = old.embedder if same_model else embedder_for(snapshot.version.to_model_version())
+        self._index = _Index(snapshot, embedder)
+        return True
+
+    def info(self) -> dict:
+        """Model version, generations, row count and load time of the loaded snapshot."""
+        snapshot = self._index.snapshot
+        return {
+            **snapshot.version.as_dict(),
+            "store_generation": snapshot.store_generation,
+            "loaded_rows": len(snapshot.templates),
+            "loaded_at": self._index.loaded_at,
+            "store": redact_url(self._store_url),
+        }
+
+    def __len__(self) -> int:
+        return len(self._index.templates)
+

@@ -1,0 +1,143 @@
+"""What every embedding store offers, and the records it exchanges."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from embedding_assets.lib.embedders import VectorCache
+from embedding_assets.lib.model_versions import ModelVersion
+from embedding_assets.lib.plan import ChangePlan, StoredTemplate
+
+
+class StoreError(RuntimeError):
+    """The embedding store cannot be used as asked."""
+
+
+class StoreNotFoundError(StoreError):
+    """No store exists at the given location."""
+
+
+class StoreCorruptError(StoreError):
+    """The store exists but is not a readable embedding store."""
+
+
+class StalePlanError(StoreError):
+    """The store changed after the change plan was computed."""
+
+
+class ModelVersionMismatchError(StoreError):
+    """A model version's settings differ from those its published vectors were made with."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A model version as recorded in the store."""
+
+    key: str
+    provider: str
+    model: str
+    dimension: int
+    text_template: str
+    settings: dict
+    fingerprint: str
+    rows: int
+    generation: int
+    created_at: str
+    published_at: str
+    is_current: bool
+
+    def to_model_version(self) -> ModelVersion:
+        return ModelVersion(
+            key=self.key,
+            provider=self.provider,
+            model=self.model,
+            dimension=self.dimension,
+            text_template=self.text_template,
+            settings=self.settings,
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "model_version": self.key,
+            "provider": self.provider,
+            "model": self.model,
+            "dimension": self.dimension,
+            "rows": self.rows,
+            "generation": self.generation,
+            "created_at": self.created_at,
+            "published_at": self.published_at,
+            "current": self.is_current,
+        }
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    """What the store asset hands its IO manager: a plan and the vectors of changed texts."""
+
+    version: ModelVersion
+    plan: ChangePlan
+    vectors: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """The outcome of one publish transaction."""
+
+    model_version: str
+    generation: int
+    rows: int
+    changed: bool
+    is_current: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """One model version's published templates and vectors, read in one transaction."""
+
+    version: VersionInfo
+    store_generation: int
+    templates: list[StoredTemplate]
+    matrix: np.ndarray
+
+
+def settings_json(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True, ensure_ascii=False)
+
+
+def mismatch_message(version: ModelVersion, stored: VersionInfo) -> str:
+    return (
+        f"model version {version.key!r} was published with different settings "
+        f"(stored: provider={stored.provider}, model={stored.model}, dimension={stored.dimension}; "
+        f"configured: provider={version.provider}, model={version.model}, dimension={version.dimension}). "
+        "Declare a new model version key for new settings, or rebuild this one with --force."
+    )
+
+
+class EmbeddingStore(Protocol):
+    location: str
+
+    def generation(self) -> int: ...
+
+    def current_version(self) -> str | None: ...
+
+    def versions(self) -> list[VersionInfo]: ...
+
+    def version(self, key: str) -> VersionInfo | None: ...
+
+    def published(self, key: str) -> tuple[VersionInfo | None, dict[str, StoredTemplate]]: ...
+
+    def cache(self, version: ModelVersion) -> VectorCache: ...
+
+    def publish(
+        self, version: ModelVersion, plan: ChangePlan, vectors: Mapping[str, np.ndarray]
+    ) -> PublishResult: ...
+
+    def snapshot(self, key: str | None = None) -> StoreSnapshot: ...
+
+    def close(self) -> None: ...
