@@ -17,7 +17,7 @@ def _emit(payload: object, as_json: bool, text: str) -> None:
     click.echo(json.dumps(payload, ensure_ascii=False) if as_json else text)
 
 
-def _failure_message(result) -> str:
+def run_failure_message(result) -> str:
     """The user-facing message of the first failed step, without Dagster's wrapping."""
     for event in result.all_events:
         if event.is_step_failure:
@@ -67,7 +67,7 @@ def materialize(model_key: str | None, force: bool, as_json: bool) -> None:
             )
             if not result.success:
                 failed = True
-                click.echo(f"{key}: {_failure_message(result)}", err=True)
+                click.echo(f"{key}: {run_failure_message(result)}", err=True)
                 click.echo(f"{key}: the published store is unchanged (run {result.run_id})", err=True)
                 continue
             summary, text = _run_summary(key, result)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from openpyxl import Workbook, load_workbook
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_FAQ = PROJECT_ROOT / "data" / "faq.xlsx"
+SAMPLE_QUERIES = PROJECT_ROOT / "data" / "validation_queries.json"
+SHARED_DATASET = Path(os.environ.get("EMBEDDING_ASSETS_SHARED", PROJECT_ROOT.parent / "shared")) / "datasets" / "vtb_belarus_faq"
+VTB_FAQ = SHARED_DATASET / "smart_support_vtb_belarus_faq_final.xlsx"
+VTB_QUERIES = SHARED_DATASET / "retrieval_validation_v2.json"
+HEADER = ["ID", "Основная категория", "Подкатегория", "Пример вопроса", "Приоритет", "Целевая аудитория", "Шаблонный ответ"]
+
+
+def read_rows(path: Path) -> list[list]:
+    """All rows of the first sheet, header included."""
+    sheet = load_workbook(path).worksheets[0]
+    return [list(row) for row in sheet.iter_rows(values_only=True)]
+
+
+def write_rows(path: Path, rows: list[list]) -> Path:
+    """Write rows (header first) to a one-sheet workbook."""
+    book = Workbook()
+    sheet = book.active
+    for row in rows:
+        sheet.append(row)
+    book.save(path)
+    return path
+
+
+@pytest.fixture
+def faq_copy(tmp_path: Path) -> Path:
+    """A temp copy of the sample FAQ that a test may edit."""
+    return write_rows(tmp_path / "faq.xlsx", read_rows(SAMPLE_FAQ))
+
+
+@pytest.fixture(scope="session")
+def vtb_faq() -> Path:
+    if not VTB_FAQ.exists():
+        pytest.fail(f"shared data set missing: {VTB_FAQ}")
+    return VTB_FAQ

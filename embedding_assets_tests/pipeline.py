@@ -1,0 +1,95 @@
+"""Run the real asset chain in process, counting what reaches the embedding model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+
+from embedding_assets.cli import run_failure_message as failure_message  # noqa: F401  (re-exported)
+from embedding_assets.defs.assets import (
+    change_plan,
+    embedding_store,
+    faq_templates,
+    template_embeddings,
+    template_hashes,
+)
+from embedding_assets.defs.resources import EmbeddingStoreIOManager, FaqWorkbook, ModelCatalog, StoreResource
+from embedding_assets.lib.embedders import Embedder
+from embedding_assets.settings import PROJECT_ROOT
+
+KEY = "e5-small-v1"
+ASSETS = [faq_templates, template_hashes, change_plan, template_embeddings, embedding_store]
+MODEL_VERSIONS = str(PROJECT_ROOT / "model_versions.toml")
+
+# Every batch the model receives during a run, in order (resources are rebuilt per run,
+# so the record lives at module level).
+EMBEDDING_CALLS: list[list[str]] = []
+
+
+class CountingEmbedder:
+    """Passes every call to the real model and records the texts it was sent."""
+
+    def __init__(self, inner: Embedder):
+        self.inner = inner
+        self.dimension = inner.dimension
+
+    def embed_passages(self, texts: Sequence[str]) -> np.ndarray:
+        EMBEDDING_CALLS.append(list(texts))
+        return self.inner.embed_passages(texts)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self.inner.embed_query(text)
+
+
+class CountingModelCatalog(ModelCatalog):
+    def embedder(self, version):
+        return CountingEmbedder(super().embedder(version))
+
+
+@dataclass
+class Outcome:
+    result: dg.ExecuteInProcessResult
+    calls: list[list[str]]
+    metadata: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def embedded_texts(self) -> list[str]:
+        return [text for call in self.calls for text in call]
+
+    @property
+    def plan(self) -> dict:
+        return {k: self.metadata["change_plan"][k] for k in ("new", "modified", "deleted", "unchanged", "metadata_updated")}
+
+    @property
+    def store(self) -> dict:
+        return self.metadata["embedding_store"]
+
+
+def run_pipeline(
+    faq: Path, store: Path, *, instance: dg.DagsterInstance | None = None, force: bool = False, key: str = KEY
+) -> Outcome:
+    EMBEDDING_CALLS.clear()
+    result = dg.materialize(
+        ASSETS,
+        partition_key=key,
+        instance=instance or dg.DagsterInstance.ephemeral(),
+        resources={
+            "faq": FaqWorkbook(path=str(faq)),
+            "models": CountingModelCatalog(config_path=MODEL_VERSIONS),
+            "store": StoreResource(url=str(store)),
+            "store_io_manager": EmbeddingStoreIOManager(url=str(store)),
+        },
+        run_config={"ops": {"change_plan": {"config": {"force": force}}}},
+        raise_on_error=False,
+    )
+    outcome = Outcome(result=result, calls=[list(c) for c in EMBEDDING_CALLS])
+    for event in result.get_asset_materialization_events():
+        materialization = event.event_specific_data.materialization
+        outcome.metadata[materialization.asset_key.to_user_string()] = {
+            k: v.value for k, v in materialization.metadata.items()
+        }
+    return outcome
