@@ -79,13 +79,13 @@ def materialize(model_key: str | None, force: bool, as_json: bool) -> None:
 def _run_summary(key: str, result) -> tuple[dict, str]:
     plan = result.output_for_node("change_plan")
     published = {}
-    embedded = calls = 0
+    embedded = calls = embed_ms = 0
     for event in result.get_asset_materialization_events():
         materialization = event.event_specific_data.materialization
         name = materialization.asset_key.to_user_string()
         values = {k: v.value for k, v in materialization.metadata.items()}
         if name == "template_embeddings":
-            embedded, calls = values["embedded"], values["embedding_calls"]
+            embedded, calls, embed_ms = values["embedded"], values["embedding_calls"], values["embed_ms"]
         elif name == "embedding_store":
             published = values
     summary = {
@@ -93,6 +93,7 @@ def _run_summary(key: str, result) -> tuple[dict, str]:
         **plan.counts(),
         "embedded": embedded,
         "embedding_calls": calls,
+        "embed_ms": embed_ms,
         "rows": published["rows"],
         "generation": published["generation"],
         "published": published["published"],

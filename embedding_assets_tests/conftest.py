@@ -1,10 +1,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+
+import dagster as dg
 
 import pytest
 from openpyxl import Workbook, load_workbook
+
+from embedding_assets_tests.pipeline import run_pipeline
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_FAQ = PROJECT_ROOT / "data" / "faq.xlsx"
@@ -42,3 +47,23 @@ def vtb_faq() -> Path:
     if not VTB_FAQ.exists():
         pytest.fail(f"shared data set missing: {VTB_FAQ}")
     return VTB_FAQ
+
+
+@pytest.fixture(scope="session")
+def first_run(tmp_path_factory):
+    """One cold run of the sample FAQ into a new store, shared by the tests that start warm."""
+    directory = tmp_path_factory.mktemp("warm")
+    faq = write_rows(directory / "faq.xlsx", read_rows(SAMPLE_FAQ))
+    store = directory / "store.db"
+    instance = dg.DagsterInstance.ephemeral()
+    cold = run_pipeline(faq, store, instance=instance)
+    rerun = run_pipeline(faq, store, instance=instance)
+    return cold, rerun, store
+
+
+@pytest.fixture
+def warm(first_run, tmp_path):
+    """A copy of the published store (with its cache) and of the sample FAQ, for one test to change."""
+    store = tmp_path / "store.db"
+    shutil.copyfile(first_run[2], store)
+    return write_rows(tmp_path / "faq.xlsx", read_rows(SAMPLE_FAQ)), store

@@ -3,41 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
-import dagster as dg
 import numpy as np
 import pytest
 
 from embedding_assets.lib.faq import derived_template_id, normalize_text
 from embedding_assets.retrieval import TemplateRetriever
 from embedding_assets.store import open_store
-from embedding_assets_tests.conftest import SAMPLE_FAQ, read_rows, write_rows
+from embedding_assets_tests.conftest import read_rows, write_rows
 from embedding_assets_tests.pipeline import KEY, failure_message, run_pipeline
 
 SAMPLE_ROWS = 90
 COL = {"id": 0, "category": 1, "subcategory": 2, "question": 3, "priority": 4, "audience": 5, "answer": 6}
-
-
-@pytest.fixture(scope="session")
-def first_run(tmp_path_factory):
-    """One cold run of the sample FAQ into a new store, shared by the tests that start warm."""
-    directory = tmp_path_factory.mktemp("warm")
-    faq = write_rows(directory / "faq.xlsx", read_rows(SAMPLE_FAQ))
-    store = directory / "store.db"
-    instance = dg.DagsterInstance.ephemeral()
-    cold = run_pipeline(faq, store, instance=instance)
-    rerun = run_pipeline(faq, store, instance=instance)
-    return cold, rerun, store
-
-
-@pytest.fixture
-def warm(first_run, tmp_path):
-    """A copy of the published store (with its cache) and of the sample FAQ, for one test to change."""
-    store = tmp_path / "store.db"
-    shutil.copyfile(first_run[2], store)
-    return write_rows(tmp_path / "faq.xlsx", read_rows(SAMPLE_FAQ)), store
 
 
 def file_digest(path: Path) -> str:

@@ -9,8 +9,10 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 _WHITESPACE = re.compile(r"\s+")
 _MAX_LISTED_PROBLEMS = 20
@@ -87,6 +89,8 @@ def derived_template_id(category: str, subcategory: str, question: str) -> str:
 
 
 def _read_sheet(path: Path, sheet: str | int) -> pd.DataFrame:
+    import pandas as pd  # imported here: the CLI's other commands start faster without it
+
     if not path.exists():
         raise FaqError(path, ["file not found"])
     if not path.is_file():

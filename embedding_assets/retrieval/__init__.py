@@ -37,9 +37,8 @@ class _Index:
         self.snapshot = snapshot
         self.embedder = embedder
         self.matrix = snapshot.matrix
-        self.templates = snapshot.templates
-        self.categories = np.array([t.category for t in snapshot.templates], dtype=object)
-        self.subcategories = np.array([t.subcategory for t in snapshot.templates], dtype=object)
+        self.categories = np.array(snapshot.columns["category"], dtype=object)
+        self.subcategories = np.array(snapshot.columns["subcategory"], dtype=object)
         self.loaded_at = datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
@@ -74,7 +73,7 @@ class TemplateRetriever:
         if top_k < 1:
             raise ValueError("top_k must be at least 1")
         index = self._index
-        mask = np.ones(len(index.templates), dtype=bool)
+        mask = np.ones(len(index.snapshot), dtype=bool)
         if category is not None:
             if category not in set(index.categories):
                 raise ValueError(f"unknown category {category!r}")
@@ -93,7 +92,7 @@ class TemplateRetriever:
         best = best[np.argsort(-scores[best], kind="stable")]
         hits = []
         for rank, position in enumerate(best, start=1):
-            t = index.templates[candidates[position]]
+            t = index.snapshot.template(candidates[position])
             hits.append(
                 SearchHit(rank, t.template_id, float(scores[position]), t.category, t.subcategory, t.question, t.answer)
             )
@@ -120,11 +119,11 @@ class TemplateRetriever:
         return {
             **snapshot.version.as_dict(),
             "store_generation": snapshot.store_generation,
-            "loaded_rows": len(snapshot.templates),
+            "loaded_rows": len(snapshot),
             "loaded_at": self._index.loaded_at,
             "store": redact_url(self._store_url),
         }
 
     def __len__(self) -> int:
-        return len(self._index.templates)
+        return len(self._index.snapshot)
 

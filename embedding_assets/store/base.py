@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -96,14 +97,27 @@ class PublishResult:
     seconds: float
 
 
+TEMPLATE_FIELDS = tuple(StoredTemplate.__dataclass_fields__)
+
+
 @dataclass(frozen=True)
 class StoreSnapshot:
-    """One model version's published templates and vectors, read in one transaction."""
+    """One model version's published templates (column-wise) and vectors, read in one transaction."""
 
     version: VersionInfo
     store_generation: int
-    templates: list[StoredTemplate]
+    columns: dict[str, Sequence]
     matrix: np.ndarray
+
+    def __len__(self) -> int:
+        return self.matrix.shape[0]
+
+    def template(self, position: int) -> StoredTemplate:
+        return StoredTemplate(*(self.columns[name][position] for name in TEMPLATE_FIELDS))
+
+    @cached_property
+    def templates(self) -> list[StoredTemplate]:
+        return [self.template(i) for i in range(len(self))]
 
 
 def settings_json(settings: dict) -> str:

@@ -22,6 +22,7 @@ from embedding_assets.store.base import (
     StoreCorruptError,
     StoreError,
     StoreNotFoundError,
+    TEMPLATE_FIELDS,
     StoreSnapshot,
     VersionInfo,
     mismatch_message,
@@ -137,8 +138,10 @@ class SqliteStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         try:
-            self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
-            self._conn.execute("PRAGMA busy_timeout = 30000")
+            target = self.path if create else self.path.resolve().as_uri() + "?mode=ro"
+            self._conn = sqlite3.connect(
+                target, uri=not create, isolation_level=None, timeout=30, check_same_thread=False
+            )
             self._conn.execute("PRAGMA foreign_keys = ON")
             self._ensure_schema(create)
         except sqlite3.DatabaseError as exc:
@@ -146,6 +149,9 @@ class SqliteStore:
             raise StoreCorruptError(f"{self.path} is not a readable embedding store ({exc})") from exc
 
     def _ensure_schema(self, create: bool) -> None:
+        if not create:
+            self._check_schema_version()
+            return
         tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "store_meta" not in tables:
             if not create:
@@ -164,7 +170,13 @@ class SqliteStore:
                 conn.execute("INSERT OR IGNORE INTO store_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                 conn.execute("INSERT OR IGNORE INTO store_meta VALUES ('generation', '0')")
             return
-        version = int(self._meta("schema_version") or 0)
+        self._check_schema_version()
+
+    def _check_schema_version(self) -> None:
+        try:
+            version = int(self._meta("schema_version") or 0)
+        except sqlite3.OperationalError as exc:
+            raise StoreCorruptError(f"{self.path} is not an embedding store ({exc})") from exc
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path} has store schema {version}; this software reads schema {SCHEMA_VERSION}")
 
@@ -325,12 +337,13 @@ class SqliteStore:
         except sqlite3.DatabaseError as exc:
             raise StoreCorruptError(f"{self.path}: cannot read the store ({exc})") from exc
         info = found[0]
-        blob = b"".join(r[9] for r in rows)
+        values = list(zip(*rows)) if rows else [()] * (len(TEMPLATE_FIELDS) + 1)
+        blob = b"".join(values[-1])
         if len(blob) != len(rows) * info.dimension * 4:
             raise StoreCorruptError(f"{self.path}: vectors of {key!r} do not all have dimension {info.dimension}")
         matrix = np.frombuffer(blob, dtype="<f4").reshape(len(rows), info.dimension)
-        templates = [StoredTemplate(*r[:9]) for r in rows]
-        return StoreSnapshot(version=info, store_generation=store_generation, templates=templates, matrix=matrix)
+        columns = dict(zip(TEMPLATE_FIELDS, values[:-1]))
+        return StoreSnapshot(version=info, store_generation=store_generation, columns=columns, matrix=matrix)
 
     def close(self) -> None:
         self._conn.close()

@@ -1,0 +1,38 @@
+# Two commands set up a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+SAMPLE_QUERY ?= украли телефон, а на нём приложение банка — что делать?
+
+.PHONY: run test ui bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@ $(VENV)/.installed
+
+run: $(VENV)/.installed  ## materialize the store from data/faq.xlsx with the local model, then search it
+	$(BIN)/embedding-assets materialize
+	$(BIN)/embedding-assets status
+	$(BIN)/embedding-assets search "$(SAMPLE_QUERY)"
+
+test: $(VENV)/.installed-test  ## the whole test suite
+	$(BIN)/python -m pytest
+
+ui: $(VENV)/.installed  ## Dagster webserver and daemon on http://127.0.0.1:3000
+	mkdir -p "$(DAGSTER_HOME)"
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+bench: $(VENV)/.installed-test  ## benchmarks: print their tables
+	$(BIN)/python bench/bench_core.py
+
+clean:
+	rm -rf $(VENV) .dagster_home data/embeddings.db data/embeddings.db-wal data/embeddings.db-shm

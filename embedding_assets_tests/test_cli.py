@@ -1,0 +1,130 @@
+"""The real `embedding-assets` command and `make run`, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from embedding_assets_tests.conftest import PROJECT_ROOT, SAMPLE_FAQ, read_rows, write_rows
+
+CLI = str(Path(sys.executable).parent / "embedding-assets")
+SUMMARY_KEYS = {"model_version", "new", "modified", "deleted", "unchanged", "embedded", "rows", "generation"}
+
+
+@pytest.fixture
+def workdir(first_run, tmp_path):
+    """A working directory with a FAQ copy, a warm store copy and its own DAGSTER_HOME."""
+    faq = write_rows(tmp_path / "faq.xlsx", read_rows(SAMPLE_FAQ))
+    shutil.copyfile(first_run[2], tmp_path / "store.db")
+    env = {
+        **os.environ,
+        "EMBEDDING_ASSETS_FAQ_PATH": str(faq),
+        "EMBEDDING_ASSETS_STORE": "sqlite:///store.db",
+        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+    }
+    return tmp_path, faq, env
+
+
+def cli(workdir, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cwd, _, env = workdir
+    done = subprocess.run([CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_materialize_status_and_search_through_the_cli(workdir):
+    cwd, faq, env = workdir
+    noop = json.loads(cli(workdir, "materialize", "--json").stdout)
+    assert SUMMARY_KEYS <= noop.keys()
+    assert {k: noop[k] for k in SUMMARY_KEYS} == {
+        "model_version": "e5-small-v1", "new": 0, "modified": 0, "deleted": 0, "unchanged": 90,
+        "embedded": 0, "rows": 90, "generation": 1,
+    }
+
+    rows = read_rows(faq)
+    rows[3][6] += " Уточнение для оператора."
+    write_rows(faq, rows)
+    edited = json.loads(cli(workdir, "materialize", "--json").stdout)
+    assert (edited["modified"], edited["embedded"], edited["embedding_calls"]) == (1, 1, 1)
+    assert (edited["rows"], edited["generation"]) == (90, 2)
+
+    status = json.loads(cli(workdir, "status", "--json").stdout)
+    assert status["generation"] == 2
+    [version] = status["versions"]
+    assert {k: version[k] for k in ("model_version", "rows", "generation", "current")} == {
+        "model_version": "e5-small-v1", "rows": 90, "generation": 2, "current": True,
+    }
+    assert version["published_at"]
+
+    found = json.loads(cli(workdir, "search", "потерял телефон с приложением банка", "--json", "--top-k", "2").stdout)
+    assert found["model_version"] == "e5-small-v1"
+    assert [h["rank"] for h in found["hits"]] == [1, 2]
+    assert found["hits"][0]["template_id"] == "SEC-006"
+    in_category = json.loads(cli(workdir, "search", "кредит", "--category", "Карты", "--json").stdout)
+    assert {h["category"] for h in in_category["hits"]} == {"Карты"}
+
+    os.environ["DAGSTER_HOME"], previous = env["DAGSTER_HOME"], os.environ.get("DAGSTER_HOME")
+    try:
+        with dg.DagsterInstance.get() as instance:
+            runs = instance.get_runs()
+    finally:
+        if previous is None:
+            del os.environ["DAGSTER_HOME"]
+        else:
+            os.environ["DAGSTER_HOME"] = previous
+    assert [r.job_name for r in runs] == ["embed_faq", "embed_faq"]
+    assert {r.tags["dagster/partition"] for r in runs} == {"e5-small-v1"}
+
+
+def test_a_broken_faq_exits_non_zero_with_the_row_and_column(workdir):
+    cwd, faq, _ = workdir
+    rows = read_rows(faq)
+    rows[4][3] = ""
+    write_rows(faq, rows)
+    before = (cwd / "store.db").read_bytes()
+
+    done = cli(workdir, "materialize", check=False)
+
+    assert done.returncode == 1
+    assert f"FAQ {faq} is not usable" in done.stderr
+    assert "row 5, column 'Пример вопроса': empty question" in done.stderr
+    assert "the published store is unchanged" in done.stderr
+    assert (cwd / "store.db").read_bytes() == before
+
+
+def test_unknown_model_version_and_missing_store_are_clear_errors(workdir, tmp_path):
+    done = cli(workdir, "materialize", "--model", "nope", check=False)
+    assert done.returncode == 2
+    assert "unknown model version 'nope'; declared: e5-small-v1" in done.stderr
+
+    cwd, _, env = workdir
+    env["EMBEDDING_ASSETS_STORE"] = str(tmp_path / "absent.db")
+    done = cli(workdir, "search", "карта", check=False)
+    assert done.returncode == 1
+    assert f"no embedding store at {tmp_path / 'absent.db'}" in done.stderr
+    assert not (tmp_path / "absent.db").exists()
+
+
+def test_make_run_materializes_and_prints_a_summary_and_a_search(workdir):
+    cwd, _, env = workdir
+    venv = Path(sys.executable).parent.parent
+    done = subprocess.run(
+        ["make", "-C", str(PROJECT_ROOT), "run", f"VENV={venv}"],
+        cwd=cwd,
+        env={**env, "EMBEDDING_ASSETS_STORE": str(cwd / "store.db")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "e5-small-v1: 0 new, 0 modified, 0 deleted, 90 unchanged" in done.stdout
+    assert "* e5-small-v1: 90 rows, generation 1" in done.stdout
+    assert "1. [" in done.stdout and "SEC-006" in done.stdout
