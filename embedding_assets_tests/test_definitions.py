@@ -1,0 +1,42 @@
+"""The code location loads, as the UI and `dagster definitions validate` load it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from embedding_assets.definitions import defs
+from embedding_assets.defs.jobs import EMBED_FAQ_JOB
+from embedding_assets_tests.conftest import PROJECT_ROOT
+
+CHAIN = ["faq_templates", "template_hashes", "change_plan", "template_embeddings", "embedding_store"]
+
+
+def test_every_asset_of_the_chain_is_described_grouped_and_kinded():
+    graph = defs().resolve_asset_graph()
+    assert sorted(k.to_user_string() for k in graph.get_all_asset_keys()) == sorted(CHAIN)
+    for name in CHAIN:
+        node = graph.get(dg.AssetKey(name))
+        assert node.group_name == "faq_embeddings"
+        assert node.kinds, name
+        assert node.description and "\n" not in node.description.strip(), name
+    for upstream, downstream in zip(CHAIN, CHAIN[1:]):
+        assert dg.AssetKey(upstream) in graph.get(dg.AssetKey(downstream)).parent_keys
+
+
+def test_the_job_is_partitioned_by_the_declared_model_versions():
+    job = defs().resolve_job_def(EMBED_FAQ_JOB)
+    assert job.partitions_def.get_partition_keys() == ["e5-small-v1"]
+    assert set(defs().resources) >= {"faq", "models", "store", "store_io_manager"}
+
+
+def test_dagster_validates_the_workspace():
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Validation successful" in done.stdout + done.stderr
