@@ -298,7 +298,7 @@ def test_fingerprint_changes_with_vector_settings(changes: dict) -> None:
         {"batch_size": 256},
         {"active": False},
         {"key": "another-key"},
-        {"settings": {"variant": "original"}},
+        {"batch_size": 1, "active": False},
     ],
 )
 def test_fingerprint_ignores_batch_size_and_activity(changes: dict) -> None:

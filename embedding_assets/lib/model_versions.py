@@ -48,7 +48,7 @@ class ModelVersion:
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def embedded_fields(self) -> set[str]:
-        return {name for _, name, _, _ in string.Formatter().parse(self.text_template) if name}
+        return {name for _, name, _, _ in string.Formatter().parse(self.text_template) if name is not None}
 
 
 def _parse_version(raw: dict[str, Any], source: str) -> ModelVersion:
@@ -61,7 +61,7 @@ def _parse_version(raw: dict[str, Any], source: str) -> ModelVersion:
     for name in ("key", "provider", "model", "dimension"):
         if name not in raw:
             raise ModelVersionError(f"{where}: missing required setting {name!r}")
-    if not isinstance(key, str) or not KEY_PATTERN.match(key):
+    if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
         raise ModelVersionError(
             f"{where}: key must match {KEY_PATTERN.pattern} (lowercase letters, digits, '.', '_', '-')"
         )
@@ -71,7 +71,7 @@ def _parse_version(raw: dict[str, Any], source: str) -> ModelVersion:
     if not isinstance(dimension, int) or isinstance(dimension, bool) or not 1 <= dimension <= 16000:
         raise ModelVersionError(f"{where}: dimension must be an integer between 1 and 16000")
     batch_size = raw.get("batch_size", 32)
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ModelVersionError(f"{where}: batch_size must be a positive integer")
     version = ModelVersion(
         key=key,

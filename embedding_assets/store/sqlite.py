@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedding_assets.lib.embedders import EmbeddingError, check_vectors
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import ChangePlan, StoredTemplate
 from embedding_assets.store.base import (
@@ -147,6 +148,9 @@ class SqliteStore:
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             raise StoreCorruptError(f"{self.path} is not a readable embedding store ({exc})") from exc
+        except StoreError:
+            self._conn.close()
+            raise
 
     def _ensure_schema(self, create: bool) -> None:
         if not create:
@@ -255,6 +259,15 @@ class SqliteStore:
         missing = sorted({i.content_hash for i in (*plan.new, *plan.modified)} - set(vectors))
         if missing:
             raise StoreError(f"model version {version.key!r}: no vector for {len(missing)} changed text(s)")
+        changed = [vectors[h] for h in {i.content_hash for i in (*plan.new, *plan.modified)}]
+        context = f"model version {version.key!r}, publish"
+        wrong = sorted({np.shape(v) for v in changed} - {(version.dimension,)})
+        if wrong:
+            raise StoreError(f"{context}: expected dimension {version.dimension}, got vectors of shape {wrong}")
+        try:
+            check_vectors(np.reshape(changed, (len(changed), version.dimension)), len(changed), version.dimension, context)
+        except EmbeddingError as exc:
+            raise StoreError(str(exc)) from exc
         with self._writing() as conn:
             stored = self._version_rows("WHERE key = ?", (version.key,))
             stored_info = stored[0] if stored else None
