@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -9,6 +10,7 @@ import dagster as dg
 import pytest
 from openpyxl import Workbook, load_workbook
 
+from embedding_assets.lib.faq import Template
 from embedding_assets_tests.pipeline import run_pipeline
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +36,21 @@ def write_rows(path: Path, rows: list[list]) -> Path:
         sheet.append(row)
     book.save(path)
     return path
+
+
+def make_template(n: int, **changes: object) -> Template:
+    """A small hand-made template; keyword arguments override its fields."""
+    base = Template(
+        template_id=f"T-{n}",
+        category="Карты",
+        subcategory=f"Подкатегория {n}",
+        question=f"Вопрос номер {n}?",
+        answer=f"Ответ номер {n}.",
+        priority="высокий",
+        audience="все клиенты",
+        source_row=n + 1,
+    )
+    return replace(base, **changes)
 
 
 @pytest.fixture

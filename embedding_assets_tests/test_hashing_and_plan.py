@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 
 import pytest
 
 from embedding_assets.lib.faq import Template
+from embedding_assets_tests.conftest import make_template
 from embedding_assets.lib.hashing import HashedTemplate, content_hash, hash_templates, render_text
 from embedding_assets.lib.model_versions import DEFAULT_TEXT_TEMPLATE
 from embedding_assets.lib.plan import ChangePlan, StoredTemplate, build_change_plan
@@ -13,18 +13,7 @@ from embedding_assets.lib.plan import ChangePlan, StoredTemplate, build_change_p
 KEY = "test-v1"
 
 
-def _template(n: int, **changes: object) -> Template:
-    base = Template(
-        template_id=f"T-{n}",
-        category="Карты",
-        subcategory=f"Подкатегория {n}",
-        question=f"Вопрос номер {n}?",
-        answer=f"Ответ номер {n}.",
-        priority="высокий",
-        audience="все клиенты",
-        source_row=n + 1,
-    )
-    return replace(base, **changes)
+_template = make_template
 
 
 def _stored(item: HashedTemplate) -> StoredTemplate:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from embedding_assets.lib.faq import Template
+from embedding_assets_tests.conftest import make_template
 from embedding_assets.lib.hashing import hash_templates
 from embedding_assets.lib.model_versions import DEFAULT_TEXT_TEMPLATE, ModelVersion
 from embedding_assets.lib.plan import ChangePlan, StoredTemplate, build_change_plan
@@ -42,18 +43,7 @@ MIX3 = _unit(1, -1, 1, -1)
 E3 = [_unit(*row) for row in np.eye(3)]
 
 
-def _template(n: int, **changes: object) -> Template:
-    base = Template(
-        template_id=f"T-{n}",
-        category="Карты",
-        subcategory=f"Подкатегория {n}",
-        question=f"Вопрос {n}?",
-        answer=f"Ответ {n}.",
-        priority="высокий",
-        audience="все клиенты",
-        source_row=n + 1,
-    )
-    return replace(base, **changes)
+_template = make_template
 
 
 BASE = [_template(1), _template(2), _template(3)]
