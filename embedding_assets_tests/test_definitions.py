@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,11 @@ def test_the_job_is_partitioned_by_the_declared_model_versions():
     assert set(defs().resources) >= {"faq", "models", "store", "store_io_manager"}
 
 
-def test_dagster_validates_the_workspace():
+def test_dagster_validates_the_workspace(tmp_path):
     done = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "DAGSTER_HOME": str(tmp_path)},
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Validation successful" in done.stdout + done.stderr
