@@ -76,9 +76,6 @@ class StoreResource(dg.ConfigurableResource):
         finally:
             store.close()
 
-    def display_url(self) -> str:
-        return redact_url(self.url)
-
 
 class EmbeddingStoreIOManager(dg.ConfigurableIOManager):
     """Publishes a model version's change set in one transaction; loads published snapshots."""
