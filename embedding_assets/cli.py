@@ -80,12 +80,14 @@ def _run_summary(key: str, result) -> tuple[dict, str]:
     plan = result.output_for_node("change_plan")
     published = {}
     embedded = calls = embed_ms = 0
+    cost: dict = {"requests": 0, "inputs": 0, "tokens": None, "retries": 0}
     for event in result.get_asset_materialization_events():
         materialization = event.event_specific_data.materialization
         name = materialization.asset_key.to_user_string()
         values = {k: v.value for k, v in materialization.metadata.items()}
         if name == "template_embeddings":
             embedded, calls, embed_ms = values["embedded"], values["embedding_calls"], values["embed_ms"]
+            cost = {item: values.get(item) for item in cost}
         elif name == "embedding_store":
             published = values
     summary = {
@@ -94,6 +96,7 @@ def _run_summary(key: str, result) -> tuple[dict, str]:
         "embedded": embedded,
         "embedding_calls": calls,
         "embed_ms": embed_ms,
+        **cost,
         "rows": published["rows"],
         "generation": published["generation"],
         "published": published["published"],
@@ -106,7 +109,10 @@ def _run_summary(key: str, result) -> tuple[dict, str]:
         f"{key}: {c['new']} new, {c['modified']} modified, {c['deleted']} deleted, {c['unchanged']} unchanged "
         f"({c['metadata_updated']} with updated fields); embedded {c['embedded']} text(s) in "
         f"{c['embedding_calls']} call(s); {c['rows']} rows at generation {c['generation']}"
-        f"{' (current)' if c['current'] else ''} in {c['store']}"
+        f"{' (current)' if c['current'] else ''} in {c['store']}\n"
+        f"{key}: cost {c['requests']} request(s), {c['inputs']} input(s), "
+        f"{'n/a' if c['tokens'] is None else c['tokens']} token(s), {c['retries']} retries, "
+        f"{c['embed_ms'] / 1000:.2f} s"
     )
     return summary, text
 

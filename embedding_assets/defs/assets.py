@@ -121,10 +121,13 @@ def template_embeddings(
             cache=opened.cache(version),
             use_cache=not change_plan.rebuild,
         )
+    cost = run.cost
     context.log.info(
         f"{version.key}: {run.requested} text(s) needed, {run.cache_hits} from cache, "
-        f"{run.embedded} embedded in {run.calls} call(s)"
+        f"{run.embedded} embedded in {run.calls} call(s); {cost.requests} request(s), {cost.inputs} input(s), "
+        f"{'n/a' if cost.tokens is None else cost.tokens} token(s), {cost.retries} retries"
     )
+    usage = {"tokens": dg.MetadataValue.int(cost.tokens)} if cost.tokens is not None else {}
     return dg.Output(
         run.vectors,
         metadata={
@@ -135,6 +138,10 @@ def template_embeddings(
             "cache_hits": dg.MetadataValue.int(run.cache_hits),
             "embedded": dg.MetadataValue.int(run.embedded),
             "embedding_calls": dg.MetadataValue.int(run.calls),
+            "requests": dg.MetadataValue.int(cost.requests),
+            "inputs": dg.MetadataValue.int(cost.inputs),
+            **usage,
+            "retries": dg.MetadataValue.int(cost.retries),
             "embed_ms": _ms(run.seconds),
         },
     )

@@ -9,6 +9,7 @@ from embedding_assets import settings
 from embedding_assets.lib.embedders import Embedder, embedder_for
 from embedding_assets.lib.faq import FaqColumns, Template, parse_faq
 from embedding_assets.lib.model_versions import ModelVersion, load_model_versions
+from embedding_assets.lib.openai_embedder import DEFAULT_API_KEY_ENV, OpenAISettings
 from embedding_assets.store import EmbeddingStore, PublishRequest, StoreSnapshot, open_store, redact_url
 
 _DEFAULT_COLUMNS = FaqColumns()
@@ -46,9 +47,16 @@ class FaqWorkbook(dg.ConfigurableResource):
 
 
 class ModelCatalog(dg.ConfigurableResource):
-    """The model versions declared in model_versions.toml."""
+    """The model versions declared in model_versions.toml, and the key of their embeddings API."""
 
     config_path: str = Field(description="Path of the TOML file that declares the model versions.")
+    openai_api_key: str | None = Field(
+        default=None,
+        repr=False,
+        description=f"API key for provider-openai versions whose api_key_env is {DEFAULT_API_KEY_ENV} "
+        f"(the default); give it as dg.EnvVar('{DEFAULT_API_KEY_ENV}'). Versions naming another variable "
+        "read that one through dg.EnvVar.",
+    )
 
     def versions(self) -> list[ModelVersion]:
         return load_model_versions(self.config_path)
@@ -60,7 +68,11 @@ class ModelCatalog(dg.ConfigurableResource):
         raise KeyError(f"model version {key!r} is not declared in {self.config_path}")
 
     def embedder(self, version: ModelVersion) -> Embedder:
-        return embedder_for(version)
+        if version.provider != "openai":
+            return embedder_for(version)
+        variable = OpenAISettings.parse(version.settings).api_key_env
+        api_key = self.openai_api_key if variable == DEFAULT_API_KEY_ENV else dg.EnvVar(variable).get_value()
+        return embedder_for(version, api_key=api_key or "")
 
 
 class StoreResource(dg.ConfigurableResource):
@@ -117,7 +129,10 @@ def resources() -> dg.Definitions:
     return dg.Definitions(
         resources={
             "faq": FaqWorkbook(path=settings.faq_path()),
-            "models": ModelCatalog(config_path=settings.model_versions_path()),
+            "models": ModelCatalog(
+                config_path=settings.model_versions_path(),
+                openai_api_key=dg.EnvVar(DEFAULT_API_KEY_ENV) if DEFAULT_API_KEY_ENV in os.environ else None,
+            ),
             "store": StoreResource(url=store_url_config()),
             "store_io_manager": EmbeddingStoreIOManager(url=store_url_config()),
         }

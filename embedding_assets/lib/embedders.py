@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -47,10 +47,17 @@ class LocalE5Embedder:
         return f"LocalE5Embedder(variant={self.variant!r})"
 
 
-def embedder_for(version: ModelVersion) -> Embedder:
-    """The embedder a model version's provider settings describe."""
+def embedder_for(version: ModelVersion, api_key: str | None = None) -> Embedder:
+    """The embedder a model version's provider settings describe.
+
+    Provider "openai" uses `api_key`, else the variable named by its api_key_env setting.
+    """
     if version.provider == "local":
         return LocalE5Embedder(variant=version.settings.get("variant", "original"), dimension=version.dimension)
+    if version.provider == "openai":
+        from embedding_assets.lib.openai_embedder import OpenAIEmbedder, api_key_from_environment
+
+        return OpenAIEmbedder(version, api_key if api_key is not None else api_key_from_environment(version))
     raise EmbeddingError(f"model version {version.key!r}: unknown provider {version.provider!r}")
 
 
@@ -75,6 +82,22 @@ class VectorCache(Protocol):
     def put(self, vectors: Mapping[str, np.ndarray]) -> None: ...
 
 
+@dataclass
+class EmbeddingCost:
+    """What reaching the model cost: requests sent (retries included), texts sent, tokens billed."""
+
+    requests: int = 0
+    inputs: int = 0
+    tokens: int | None = None
+    retries: int = 0
+
+    def since(self, earlier: EmbeddingCost) -> EmbeddingCost:
+        tokens = None if self.tokens is None else self.tokens - (earlier.tokens or 0)
+        return EmbeddingCost(
+            self.requests - earlier.requests, self.inputs - earlier.inputs, tokens, self.retries - earlier.retries
+        )
+
+
 @dataclass(frozen=True)
 class EmbeddingRun:
     """Vectors for the requested texts and what it cost to get them."""
@@ -85,6 +108,19 @@ class EmbeddingRun:
     embedded: int
     calls: int
     seconds: float
+    cost: EmbeddingCost = field(default_factory=EmbeddingCost)
+
+
+def passage_batches(
+    embedder: Embedder, texts: Sequence[str], batch_size: int
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(start, end, vectors) per batch: the embedder's own batching and concurrency when it has them."""
+    if hasattr(embedder, "embed_passage_batches"):
+        yield from embedder.embed_passage_batches(texts, max_inputs=batch_size)
+        return
+    for start in range(0, len(texts), batch_size):
+        end = min(start + batch_size, len(texts))
+        yield start, end, embedder.embed_passages(texts[start:end])
 
 
 def embed_with_cache(
@@ -95,22 +131,24 @@ def embed_with_cache(
     cache: VectorCache,
     use_cache: bool = True,
 ) -> EmbeddingRun:
-    """Embed only texts missing from the cache, one batch at a time, caching each batch at once."""
+    """Embed only texts missing from the cache, caching each batch as soon as it arrives."""
     started = time.perf_counter()
+    cost_before = replace(embedder.cost) if isinstance(getattr(embedder, "cost", None), EmbeddingCost) else None
     hits = cache.get(list(texts_by_hash)) if use_cache else {}
     vectors = dict(hits)
     missing = [h for h in texts_by_hash if h not in hits]
     calls = 0
-    for start in range(0, len(missing), version.batch_size):
-        batch = missing[start : start + version.batch_size]
+    for start, end, batch_vectors in passage_batches(
+        embedder, [texts_by_hash[h] for h in missing], version.batch_size
+    ):
+        batch = missing[start:end]
         context = f"model version {version.key!r}, batch of {len(batch)} text(s)"
-        batch_vectors = check_vectors(
-            embedder.embed_passages([texts_by_hash[h] for h in batch]), len(batch), version.dimension, context
-        )
+        batch_vectors = check_vectors(batch_vectors, len(batch), version.dimension, context)
         calls += 1
         received = dict(zip(batch, batch_vectors))
         cache.put(received)
         vectors.update(received)
+    cost = embedder.cost.since(cost_before) if cost_before is not None else EmbeddingCost(calls, len(missing), None, 0)
     return EmbeddingRun(
         vectors=vectors,
         requested=len(texts_by_hash),
@@ -118,4 +156,5 @@ def embed_with_cache(
         embedded=len(missing),
         calls=calls,
         seconds=time.perf_counter() - started,
+        cost=cost,
     )

@@ -14,7 +14,13 @@ from typing import Any
 from embedding_assets.lib.faq import OPTIONAL_FIELDS, REQUIRED_FIELDS
 
 KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-PROVIDERS = ("local",)
+PROVIDERS = ("local", "openai")
+# Provider "openai" settings that change how vectors are fetched, never the vectors themselves:
+# they stay out of the fingerprint, so tuning them keeps the cache and the published store valid.
+OPENAI_TRANSPORT_SETTINGS = frozenset(
+    {"base_url", "base_url_env", "api_key_env", "timeout", "concurrency", "max_batch_tokens", "max_attempts",
+     "backoff_initial", "backoff_max"}
+)
 TEMPLATE_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 DEFAULT_TEXT_TEMPLATE = "{subcategory}: {question}\n{answer}"
 
@@ -37,13 +43,16 @@ class ModelVersion:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the vectors (not batch size or activity)."""
+        """Hash of everything that changes the vectors (not batch size, activity or transport settings)."""
+        settings = self.settings
+        if self.provider == "openai":
+            settings = {k: v for k, v in settings.items() if k not in OPENAI_TRANSPORT_SETTINGS}
         identity = {
             "provider": self.provider,
             "model": self.model,
             "dimension": self.dimension,
             "text_template": self.text_template,
-            "settings": self.settings,
+            "settings": settings,
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -83,6 +92,13 @@ def _parse_version(raw: dict[str, Any], source: str) -> ModelVersion:
         batch_size=batch_size,
         settings=dict(raw.get("settings", {})),
     )
+    if version.provider == "openai":
+        from embedding_assets.lib.openai_embedder import OpenAISettings
+
+        try:
+            OpenAISettings.parse(version.settings)
+        except ValueError as exc:
+            raise ModelVersionError(f"{where}: {exc}") from exc
     try:
         fields = version.embedded_fields()
     except ValueError as exc:
