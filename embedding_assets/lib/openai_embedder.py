@@ -127,7 +127,7 @@ class EmbeddingApiError(EmbeddingError):
         self.status, self.embedded, self.failed = status, embedded, failed
 
 
-def _retry_after(headers: Mapping[str, str]) -> float | None:
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     """Seconds the server asked to wait (retry-after-ms, Retry-After seconds or HTTP date)."""
     try:
         if "retry-after-ms" in headers:
@@ -290,7 +290,7 @@ class OpenAIEmbedder:
         detail = self._redact(_server_message(body))
         said = f"HTTP {status}" + (f": {detail}" if detail else "")
         if status in RETRYABLE_STATUSES:
-            return _Retryable(detail or f"HTTP {status}", status, _retry_after(headers))
+            return _Retryable(detail or f"HTTP {status}", status, retry_after_seconds(headers))
         if status in (401, 403):
             state = "is set" if self._api_key else "is not set"
             return _Fatal(
