@@ -124,8 +124,8 @@ def test_valid_keys(tmp_path: Path, key: str) -> None:
             id="key-not-a-string",
         ),
         pytest.param(
-            _version_toml(provider='"openai"'),
-            "{path}: model version 'a-v1': provider must be one of local",
+            _version_toml(provider='"cohere"'),
+            "{path}: model version 'a-v1': provider must be one of local, openai",
             id="unknown-provider",
         ),
         pytest.param(
