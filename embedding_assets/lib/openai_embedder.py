@@ -206,12 +206,13 @@ class OpenAIEmbedder:
         queue = iter(batches)
         try:
             def submit_next() -> None:
-                for start, end in queue:
+                batch = next(queue, None)
+                if batch is not None:
+                    start, end = batch
                     future = pool.submit(
                         self._embed_with_retries, texts[start:end], self.settings.passage_input_type, stop
                     )
-                    pending[future] = (start, end)
-                    return
+                    pending[future] = batch
 
             for _ in range(self.settings.concurrency):
                 submit_next()
@@ -257,10 +258,10 @@ class OpenAIEmbedder:
                     ) from None
                 backoff = min(self.settings.backoff_max, self.settings.backoff_initial * 2 ** (attempt - 1))
                 delay = exc.retry_after if exc.retry_after is not None else backoff * random.uniform(0.5, 1.0)
-                with self._lock:
-                    self.cost.retries += 1
                 if stop.wait(min(delay, RETRY_AFTER_CEILING_S)):
                     raise _Stopped() from None
+                with self._lock:
+                    self.cost.retries += 1
         raise AssertionError("unreachable")
 
     def _send(self, texts: list[str], input_type: str | None) -> np.ndarray:
