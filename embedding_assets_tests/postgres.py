@@ -190,14 +190,28 @@ def postgres_server() -> Iterator[str]:
         server.__exit__(None, None, None)
 
 
+@contextmanager
+def new_database(server_url: str, template: str | None = None) -> Iterator[str]:
+    """A new database on the server (optionally a copy of `template`), dropped on exit; yields its URL."""
+    name = f"embedding_assets_test_{os.getpid()}_{next(_databases)}"
+    statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template:
+        statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+    _execute_autocommit(server_url, statement)
+    try:
+        yield with_database(server_url, name)
+    finally:
+        _execute_autocommit(
+            server_url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
 @pytest.fixture
 def postgres_url(postgres_server: str) -> Iterator[str]:
     """A URL of a new, empty database on the session's server, dropped after the test."""
-    name = f"embedding_assets_test_{os.getpid()}_{next(_databases)}"
-    _execute_autocommit(postgres_server, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield with_database(postgres_server, name)
-    finally:
-        _execute_autocommit(
-            postgres_server, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    with new_database(postgres_server) as url:
+        yield url
