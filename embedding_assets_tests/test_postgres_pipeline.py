@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import dagster as dg
@@ -17,6 +21,7 @@ from embedding_assets_tests.pipeline import KEY, run_pipeline
 from embedding_assets_tests.postgres import database_name, new_database
 
 SAMPLE_ROWS = 90
+CLI = str(Path(sys.executable).parent / "embedding-assets")
 ID, QUESTION, ANSWER = 0, 3, 6
 
 
@@ -172,3 +177,21 @@ def test_auto_mode_picks_the_database_above_the_row_threshold(postgres_pipeline,
     assert large.search(question, top_k=1)[0].template_id == "NEW-001"
     assert large.reload_if_changed() is False
     large.close()
+
+
+def test_cli_status_and_search_on_postgres(postgres_pipeline, tmp_path) -> None:
+    _, url, _, _ = postgres_pipeline
+    env = {**os.environ, "EMBEDDING_ASSETS_STORE": url, "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+
+    def cli(*args: str) -> dict:
+        done = subprocess.run([CLI, *args, "--json"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert urlsplit(url).password not in done.stdout + done.stderr
+        return json.loads(done.stdout)
+
+    status = cli("status")
+    assert (status["store"], status["generation"]) == (redact_url(url), 1)
+    assert [(v["model_version"], v["rows"], v["current"]) for v in status["versions"]] == [(KEY, 90, True)]
+    found = cli("search", "Хочу оформить депозит «Мои условия» — что для этого нужно?", "--top-k", "2")
+    expected = TemplateRetriever.load(url).search("Хочу оформить депозит «Мои условия» — что для этого нужно?", top_k=2)
+    assert [h["template_id"] for h in found["hits"]] == [h.template_id for h in expected]

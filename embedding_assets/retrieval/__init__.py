@@ -119,7 +119,7 @@ class TemplateRetriever:
 
     @property
     def search_mode(self) -> str:
-        """"database" when queries are ranked in PostgreSQL, else "memory"."""
+        """Where queries are ranked: "database" (PostgreSQL) or "memory"."""
         return "database" if isinstance(self._index, _DatabaseIndex) else "memory"
 
     def _search_database(
@@ -146,6 +146,7 @@ class TemplateRetriever:
             fresh = self._database_index(index.store, self._pinned_version, None, "database", 0)
         same_model = fresh.version.fingerprint == index.version.fingerprint
         fresh.embedder = index.embedder if same_model else fresh.embedder
+        fresh.lock = index.lock  # the same connection, so the same lock
         self._index = fresh
         return True
 

@@ -56,7 +56,7 @@ def sqlite_path(url: str | Path) -> Path | None:
 
 
 def store_backend(url: str | Path) -> str:
-    """"postgresql" or "sqlite": which backend a store URL selects."""
+    """The backend a store URL selects: "postgresql" or "sqlite"."""
     return "postgresql" if str(url).split("://", 1)[0].lower() in POSTGRES_SCHEMES else "sqlite"
 
 
