@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -20,6 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 import psycopg2
 import psycopg2.extensions
+from pgvector import Vector
 from pgvector.psycopg2 import register_vector
 from psycopg2 import sql
 from psycopg2.extras import execute_values
@@ -44,6 +46,7 @@ from embedding_assets.store.base import (
 SCHEMA_VERSION = 1
 DEFAULT_SCHEMA = "embedding_store"
 PAGE_SIZE = 500
+COPY_ROWS = 10_000
 MAX_EF_SEARCH = 1000
 _SCHEMA_LOCK = "embedding_assets.schema"
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
@@ -94,6 +97,9 @@ INSERT INTO {schema}.store_meta VALUES ('schema_version', {schema_version}), ('g
 """
 
 _COLUMNS = sql.SQL(", ").join(map(sql.Identifier, TEMPLATE_FIELDS))
+_TEMPLATE_KINDS = ("text",) * 9 + ("int", "vector")  # model_version, TEMPLATE_FIELDS, embedding
+_CACHE_KINDS = ("text", "text", "text", "vector", "text")
+_INT4 = struct.Struct(">i")
 
 
 def _now() -> str:
@@ -118,6 +124,27 @@ def hnsw_index_name(key: str, dimension: int) -> str:
 
 def _hnsw_prefix(key: str) -> str:
     return f"templates_hnsw_{hashlib.sha256(key.encode()).hexdigest()[:16]}_"
+
+
+def _copy_binary(rows: Iterable[tuple], kinds: Sequence[str]) -> io.BytesIO:
+    """Rows in PostgreSQL's binary COPY format; kinds are "text", "int" (int4) or "vector" (pgvector)."""
+    out = io.BytesIO()
+    out.write(_COPY_SIGNATURE + bytes(8))
+    field_count = struct.pack(">h", len(kinds))
+    for row in rows:
+        out.write(field_count)
+        for kind, value in zip(kinds, row, strict=True):
+            if kind == "text":
+                data = value.encode("utf-8")
+            elif kind == "int":
+                data = _INT4.pack(value)
+            else:
+                data = Vector(np.asarray(value, dtype=np.float32)).to_binary()
+            out.write(_INT4.pack(len(data)))
+            out.write(data)
+    out.write(b"\xff\xff")
+    out.seek(0)
+    return out
 
 
 def _parse_vectors(data: bytes, rows: int, dimension: int, where: str) -> np.ndarray:
@@ -163,15 +190,13 @@ class PostgresVectorCache:
     def put(self, vectors: Mapping[str, np.ndarray]) -> None:
         created = _now()
         with self._store._transaction() as cur:
-            execute_values(
+            self._store._upsert(
                 cur,
-                self._store._sql(
-                    "INSERT INTO {schema}.embedding_cache VALUES %s ON CONFLICT "
-                    "(model_version, fingerprint, content_hash) DO UPDATE SET embedding = EXCLUDED.embedding, "
-                    "created_at = EXCLUDED.created_at"
-                ),
-                [(self._key, self._fingerprint, h, np.asarray(v, dtype=np.float32), created) for h, v in vectors.items()],
-                page_size=PAGE_SIZE,
+                "embedding_cache",
+                [(self._key, self._fingerprint, h, v, created) for h, v in vectors.items()],
+                _CACHE_KINDS,
+                "(model_version, fingerprint, content_hash) DO UPDATE SET embedding = EXCLUDED.embedding, "
+                "created_at = EXCLUDED.created_at",
             )
 
 
@@ -185,7 +210,9 @@ class PostgresStore:
         dsn, self.schema = connection_settings(str(url))
         self._password = urlsplit(dsn).password
         try:
-            self._conn = psycopg2.connect(dsn, connect_timeout=10, application_name="embedding_assets")
+            self._conn = psycopg2.connect(
+                dsn, connect_timeout=10, application_name="embedding_assets", client_encoding="UTF8"
+            )
         except psycopg2.Error as exc:
             raise StoreError(f"cannot connect to {self.location}: {self._clean(exc)}") from None
         try:
@@ -382,21 +409,16 @@ class PostgresStore:
             self._drop_other_indexes(cur, key, version.dimension)
             if plan.rebuild:
                 cur.execute(self._sql("DELETE FROM {schema}.templates WHERE model_version = %s"), (key,))
-            execute_values(
+            self._upsert(
                 cur,
-                self._sql(
-                    "INSERT INTO {schema}.templates (model_version, {columns}, embedding) VALUES %s "
-                    "ON CONFLICT (model_version, template_id) DO UPDATE SET content_hash = EXCLUDED.content_hash, "
-                    "category = EXCLUDED.category, subcategory = EXCLUDED.subcategory, "
-                    "question = EXCLUDED.question, answer = EXCLUDED.answer, priority = EXCLUDED.priority, "
-                    "audience = EXCLUDED.audience, source_row = EXCLUDED.source_row, embedding = EXCLUDED.embedding"
-                ),
-                [
-                    (key, i.template_id, i.content_hash, *_fields(i),
-                     np.asarray(vectors[i.content_hash], dtype=np.float32))
-                    for i in (*plan.new, *plan.modified)
-                ],
-                page_size=PAGE_SIZE,
+                "templates",
+                [(key, i.template_id, i.content_hash, *_fields(i), vectors[i.content_hash])
+                 for i in (*plan.new, *plan.modified)],
+                _TEMPLATE_KINDS,
+                "(model_version, template_id) DO UPDATE SET content_hash = EXCLUDED.content_hash, "
+                "category = EXCLUDED.category, subcategory = EXCLUDED.subcategory, "
+                "question = EXCLUDED.question, answer = EXCLUDED.answer, priority = EXCLUDED.priority, "
+                "audience = EXCLUDED.audience, source_row = EXCLUDED.source_row, embedding = EXCLUDED.embedding",
             )
             execute_values(
                 cur,
@@ -432,6 +454,26 @@ class PostgresStore:
                 current = key
             self._create_index(cur, key, version.dimension)
         return PublishResult(key, generation, rows, True, current == key, time.perf_counter() - started)
+
+    def _upsert(self, cur, table: str, rows: list[tuple], kinds: Sequence[str], on_conflict: str) -> None:
+        """Binary COPY into a transaction-local staging table, then one INSERT … ON CONFLICT into `table`."""
+        if not rows:
+            return
+        staging = sql.Identifier(f"incoming_{table}")
+        cur.execute(
+            sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {schema}.{table}) ON COMMIT DROP").format(
+                staging=staging, schema=sql.Identifier(self.schema), table=sql.Identifier(table)
+            )
+        )
+        cur.execute(sql.SQL("TRUNCATE {}").format(staging))
+        copy = sql.SQL("COPY {} FROM STDIN WITH (FORMAT binary)").format(staging).as_string(self._conn)
+        for start in range(0, len(rows), COPY_ROWS):
+            cur.copy_expert(copy, _copy_binary(rows[start : start + COPY_ROWS], kinds))
+        cur.execute(
+            sql.SQL("INSERT INTO {schema}.{table} SELECT * FROM {staging} ON CONFLICT " + on_conflict).format(
+                schema=sql.Identifier(self.schema), table=sql.Identifier(table), staging=staging
+            )
+        )
 
     def _drop_other_indexes(self, cur, key: str, dimension: int) -> None:
         """Drop this version's HNSW index built for another dimension (it could not index the new vectors)."""
