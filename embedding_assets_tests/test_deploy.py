@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -173,3 +176,30 @@ def test_instance_config_runs_on_postgres(postgres_url: str, tmp_path: Path, mon
         result = dg.materialize([probe], instance=instance)
         assert result.success
         assert [run.run_id for run in instance.get_runs()] == [result.run_id]
+
+
+def test_store_kinds_and_config_follow_the_store_url(tmp_path: Path) -> None:
+    """With a PostgreSQL URL in the environment the code location shows postgres/pgvector and hides the password."""
+    probe = (
+        "import dagster as dg, json\n"
+        "from embedding_assets.definitions import defs\n"
+        "d = defs()\n"
+        "node = d.resolve_asset_graph().get(dg.AssetKey('embedding_store'))\n"
+        "store = d.resources['store']\n"
+        "print(json.dumps({'kinds': sorted(node.kinds), 'url': repr(store.url), 'env': type(store.url).__name__}))\n"
+    )
+    results = {}
+    for backend, url in {
+        "postgresql": "postgresql://faq:hush-hush@db.internal:5432/faq",
+        "sqlite": f"sqlite:///{tmp_path / 'store.db'}",
+    }.items():
+        done = subprocess.run(
+            [sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+            env={**os.environ, settings.STORE_VAR: url, "DAGSTER_HOME": str(tmp_path)},
+        )
+        assert done.returncode == 0, done.stderr
+        results[backend] = json.loads(done.stdout.strip().splitlines()[-1])
+        assert "hush-hush" not in done.stdout + done.stderr
+    assert results["postgresql"]["kinds"] == ["pgvector", "postgres"]
+    assert results["sqlite"]["kinds"] == ["sqlite"]
+    assert results["postgresql"]["env"] == "EnvVar"
