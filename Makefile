@@ -35,6 +35,7 @@ ui: $(VENV)/.installed  ## Dagster webserver and daemon on http://127.0.0.1:3000
 bench: $(VENV)/.installed-test  ## benchmarks: print their tables
 	$(BIN)/python bench/bench_core.py
 	$(BIN)/python bench/bench_openai.py --texts $(BENCH_TEXTS)
+	$(BIN)/python bench/bench_pgvector.py
 
 clean:
 	rm -rf $(VENV) .dagster_home data/embeddings.db data/embeddings.db-wal data/embeddings.db-shm

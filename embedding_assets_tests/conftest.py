@@ -12,6 +12,7 @@ from openpyxl import Workbook, load_workbook
 
 from embedding_assets.lib.faq import Template
 from embedding_assets_tests.pipeline import run_pipeline
+from embedding_assets_tests.postgres import postgres_server, postgres_url  # noqa: F401  (fixtures)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_FAQ = PROJECT_ROOT / "data" / "faq.xlsx"

@@ -70,7 +70,7 @@ class Outcome:
 
 
 def run_pipeline(
-    faq: Path, store: Path, *, instance: dg.DagsterInstance | None = None, force: bool = False, key: str = KEY
+    faq: Path, store: str | Path, *, instance: dg.DagsterInstance | None = None, force: bool = False, key: str = KEY
 ) -> Outcome:
     EMBEDDING_CALLS.clear()
     result = dg.materialize(

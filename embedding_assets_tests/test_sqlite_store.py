@@ -502,6 +502,9 @@ def test_sqlite_url_forms(tmp_path: Path) -> None:
         ("postgresql://u:secret@h:5432/db", "postgresql://u:***@h:5432/db"),
         ("postgresql://u:secret@h/db", "postgresql://u:***@h/db"),
         ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("postgres://u:secret@h:5432/db?schema=faq", "postgres://u:***@h:5432/db?schema=faq"),
+        ("postgresql://u@h/db?password=secret&sslmode=require", "postgresql://u@h/db?password=***&sslmode=require"),
+        ("postgresql://u:p%40ss%3Asecret@h/db", "postgresql://u:***@h/db"),
         ("sqlite:///data/embeddings.db", "sqlite:///data/embeddings.db"),
         ("data/embeddings.db", "data/embeddings.db"),
     ],
@@ -513,9 +516,10 @@ def test_redact_url(url: str, expected: str) -> None:
 
 def test_unsupported_scheme_names_scheme_without_password() -> None:
     with pytest.raises(StoreError) as exc_info:
-        open_store("postgresql://u:secret@h:5432/db")
+        open_store("mysql://u:secret@h:3306/db")
     message = str(exc_info.value)
     assert "secret" not in message
     assert message == (
-        "unsupported store URL scheme 'postgresql' in postgresql://u:***@h:5432/db; use sqlite:///path.db"
+        "unsupported store URL scheme 'mysql' in mysql://u:***@h:3306/db; "
+        "use sqlite:///path.db or postgresql://user:password@host:port/database"
     )

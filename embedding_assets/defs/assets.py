@@ -10,11 +10,13 @@ from embedding_assets.lib.embedders import embed_with_cache
 from embedding_assets.lib.faq import Template
 from embedding_assets.lib.hashing import HashedTemplate, hash_templates
 from embedding_assets.lib.plan import ChangePlan, build_change_plan
-from embedding_assets.store import ModelVersionMismatchError, PublishRequest
+from embedding_assets import settings
+from embedding_assets.store import ModelVersionMismatchError, PublishRequest, store_backend
 from embedding_assets.store.base import mismatch_message
 
 GROUP = "faq_embeddings"
 LISTED_IDS = 20
+STORE_KINDS = {"postgresql": {"postgres", "pgvector"}, "sqlite": {"sqlite"}}
 
 
 class ChangePlanConfig(dg.Config):
@@ -149,7 +151,7 @@ def template_embeddings(
 
 @dg.asset(
     group_name=GROUP,
-    kinds={"sqlite"},
+    kinds=STORE_KINDS[store_backend(settings.store_url())],
     partitions_def=model_version_partitions,
     io_manager_key="store_io_manager",
 )

@@ -10,7 +10,14 @@ from embedding_assets.lib.embedders import Embedder, embedder_for
 from embedding_assets.lib.faq import FaqColumns, Template, parse_faq
 from embedding_assets.lib.model_versions import ModelVersion, load_model_versions
 from embedding_assets.lib.openai_embedder import DEFAULT_API_KEY_ENV, OpenAISettings
-from embedding_assets.store import EmbeddingStore, PublishRequest, StoreSnapshot, open_store, redact_url
+from embedding_assets.store import (
+    EmbeddingStore,
+    PublishRequest,
+    StoreSnapshot,
+    open_store,
+    redact_url,
+    store_backend,
+)
 
 _DEFAULT_COLUMNS = FaqColumns()
 
@@ -78,7 +85,10 @@ class ModelCatalog(dg.ConfigurableResource):
 class StoreResource(dg.ConfigurableResource):
     """The embedding store the pipeline reads its state and cache from."""
 
-    url: str = Field(description="Store URL: sqlite:///path.db or a file path.")
+    url: str = Field(
+        description="Store URL: sqlite:///path.db, a file path, or postgresql://user:password@host:port/database "
+        "(pass it as EnvVar('EMBEDDING_ASSETS_STORE') so the password stays out of the run config)."
+    )
 
     @contextmanager
     def open(self) -> Iterator[EmbeddingStore]:
@@ -92,7 +102,10 @@ class StoreResource(dg.ConfigurableResource):
 class EmbeddingStoreIOManager(dg.ConfigurableIOManager):
     """Publishes a model version's change set in one transaction; loads published snapshots."""
 
-    url: str = Field(description="Store URL: sqlite:///path.db or a file path.")
+    url: str = Field(
+        description="Store URL: sqlite:///path.db, a file path, or postgresql://user:password@host:port/database "
+        "(pass it as EnvVar('EMBEDDING_ASSETS_STORE') so the password stays out of the run config)."
+    )
 
     def handle_output(self, context: dg.OutputContext, obj: PublishRequest) -> None:
         store = open_store(self.url)
@@ -108,6 +121,7 @@ class EmbeddingStoreIOManager(dg.ConfigurableIOManager):
                 "current_version": dg.MetadataValue.bool(result.is_current),
                 "publish_ms": dg.MetadataValue.float(round(result.seconds * 1000, 2)),
                 "store": dg.MetadataValue.text(redact_url(self.url)),
+                "backend": dg.MetadataValue.text(store_backend(self.url)),
             }
         )
 

@@ -1,9 +1,9 @@
-"""Embedding stores selected by URL: `sqlite:///path.db` or a plain path."""
+"""Embedding stores selected by URL: `sqlite:///path.db`, a plain path, or `postgresql://…`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from embedding_assets.store.base import (
     EmbeddingStore,
@@ -17,14 +17,18 @@ from embedding_assets.store.base import (
     StoreSnapshot,
     VersionInfo,
 )
+from embedding_assets.store.postgres import PostgresStore
 from embedding_assets.store.sqlite import SqliteStore
 
 DEFAULT_STORE_URL = "sqlite:///data/embeddings.db"
+POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 __all__ = [
     "DEFAULT_STORE_URL",
     "EmbeddingStore",
     "ModelVersionMismatchError",
+    "POSTGRES_SCHEMES",
+    "PostgresStore",
     "PublishRequest",
     "PublishResult",
     "SqliteStore",
@@ -37,6 +41,7 @@ __all__ = [
     "open_store",
     "redact_url",
     "sqlite_path",
+    "store_backend",
 ]
 
 
@@ -50,20 +55,39 @@ def sqlite_path(url: str | Path) -> Path | None:
     return Path(text)
 
 
+def store_backend(url: str | Path) -> str:
+    """The backend a store URL selects: "postgresql" or "sqlite"."""
+    return "postgresql" if str(url).split("://", 1)[0].lower() in POSTGRES_SCHEMES else "sqlite"
+
+
 def redact_url(url: str | Path) -> str:
-    """The URL with any password replaced, safe for logs and metadata."""
+    """The URL with any password (in the user part or a `password=` parameter) replaced, safe for logs."""
     text = str(url)
     parts = urlsplit(text)
-    if parts.password is None:
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    hidden_query = any(name == "password" for name, _ in query)
+    if parts.password is None and not hidden_query:
         return text
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username}:***@" + netloc.rsplit("@", 1)[1]
+    if hidden_query:
+        parts = parts._replace(
+            query=urlencode([(n, "***" if n == "password" else v) for n, v in query], safe="*")
+        )
     return urlunsplit(parts._replace(netloc=netloc))
 
 
 def open_store(url: str | Path, *, create: bool = True) -> EmbeddingStore:
     """Open the store a URL names; with create=False a missing store is an error."""
+    text = str(url)
+    if "://" in text and text.split("://", 1)[0].lower() in POSTGRES_SCHEMES:
+        return PostgresStore(text, create=create)
     path = sqlite_path(url)
     if path is None:
-        scheme = str(url).split("://", 1)[0]
-        raise StoreError(f"unsupported store URL scheme {scheme!r} in {redact_url(url)}; use sqlite:///path.db")
+        scheme = text.split("://", 1)[0]
+        raise StoreError(
+            f"unsupported store URL scheme {scheme!r} in {redact_url(url)}; "
+            "use sqlite:///path.db or postgresql://user:password@host:port/database"
+        )
     return SqliteStore(path, create=create)

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from embedding_assets.lib.embedders import VectorCache
+from embedding_assets.lib.embedders import EmbeddingError, VectorCache, check_vectors
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import ChangePlan, StoredTemplate
 
@@ -133,6 +133,23 @@ def mismatch_message(version: ModelVersion, stored: VersionInfo) -> str:
     )
 
 
+def check_publish_vectors(version: ModelVersion, plan: ChangePlan, vectors: Mapping[str, np.ndarray]) -> None:
+    """Refuse a publish whose changed texts lack a vector or have a wrong-shaped or unusable one."""
+    changed_hashes = {i.content_hash for i in (*plan.new, *plan.modified)}
+    missing = sorted(changed_hashes - set(vectors))
+    if missing:
+        raise StoreError(f"model version {version.key!r}: no vector for {len(missing)} changed text(s)")
+    changed = [vectors[h] for h in changed_hashes]
+    context = f"model version {version.key!r}, publish"
+    wrong = sorted({np.shape(v) for v in changed} - {(version.dimension,)})
+    if wrong:
+        raise StoreError(f"{context}: expected dimension {version.dimension}, got vectors of shape {wrong}")
+    try:
+        check_vectors(np.reshape(changed, (len(changed), version.dimension)), len(changed), version.dimension, context)
+    except EmbeddingError as exc:
+        raise StoreError(str(exc)) from exc
+
+
 class EmbeddingStore(Protocol):
     location: str
 
@@ -155,3 +172,13 @@ class EmbeddingStore(Protocol):
     def snapshot(self, key: str | None = None) -> StoreSnapshot: ...
 
     def close(self) -> None: ...
+
+
+class DatabaseSearch(Protocol):
+    """A store that ranks templates itself instead of handing every vector to the reader."""
+
+    def facets(self, key: str) -> tuple[set[str], set[str]]: ...
+
+    def search(
+        self, key: str, query_vector: np.ndarray, k: int, category: str | None = None, subcategory: str | None = None
+    ) -> list[tuple[StoredTemplate, float]]: ...

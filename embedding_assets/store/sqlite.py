@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from embedding_assets.lib.embedders import EmbeddingError, check_vectors
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import ChangePlan, StoredTemplate
 from embedding_assets.store.base import (
@@ -26,6 +25,7 @@ from embedding_assets.store.base import (
     TEMPLATE_FIELDS,
     StoreSnapshot,
     VersionInfo,
+    check_publish_vectors,
     mismatch_message,
     settings_json,
 )
@@ -256,18 +256,7 @@ class SqliteStore:
     ) -> PublishResult:
         """Apply a change plan in one transaction and bump the store generation."""
         started = time.perf_counter()
-        missing = sorted({i.content_hash for i in (*plan.new, *plan.modified)} - set(vectors))
-        if missing:
-            raise StoreError(f"model version {version.key!r}: no vector for {len(missing)} changed text(s)")
-        changed = [vectors[h] for h in {i.content_hash for i in (*plan.new, *plan.modified)}]
-        context = f"model version {version.key!r}, publish"
-        wrong = sorted({np.shape(v) for v in changed} - {(version.dimension,)})
-        if wrong:
-            raise StoreError(f"{context}: expected dimension {version.dimension}, got vectors of shape {wrong}")
-        try:
-            check_vectors(np.reshape(changed, (len(changed), version.dimension)), len(changed), version.dimension, context)
-        except EmbeddingError as exc:
-            raise StoreError(str(exc)) from exc
+        check_publish_vectors(version, plan, vectors)
         with self._writing() as conn:
             stored = self._version_rows("WHERE key = ?", (version.key,))
             stored_info = stored[0] if stored else None
