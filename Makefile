@@ -27,8 +27,8 @@ run: $(VENV)/.installed  ## materialize the store from data/faq.xlsx with the lo
 test: $(VENV)/.installed-test  ## the whole test suite
 	$(BIN)/python -m pytest
 
-ui: $(VENV)/.installed  ## Dagster webserver and daemon on http://127.0.0.1:3000
-	mkdir -p "$(DAGSTER_HOME)"
+ui: $(VENV)/.installed  ## Dagster webserver and daemon (sensor, schedule, run queue) on http://127.0.0.1:3000
+	$(BIN)/python -c "from embedding_assets import settings; settings.dagster_home()"
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: $(VENV)/.installed-test  ## benchmarks: print their tables
