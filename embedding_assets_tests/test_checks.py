@@ -220,3 +220,16 @@ def test_the_nightly_verification_skips_with_the_reason_when_the_faq_is_broken(w
     result = store_verification(schedule_context(broken, store))
     assert isinstance(result, dg.SkipReason)
     assert result.skip_message.startswith(f"cannot verify the store: FAQ {broken} is not usable")
+
+
+def test_a_vector_of_the_wrong_dimension_is_repaired_by_republishing_the_version_from_the_cache(warm):
+    faq, store = warm
+    set_vector(store, "CARD-002", np.ones(VERSION.dimension - 1))
+    requests = store_verification(schedule_context(faq, store))
+    assert [r.partition_key for r in requests] == [KEY]
+
+    outcome = run_pipeline(faq, store, checks=CHECKS, repair=True)
+    assert outcome.result.success
+    assert outcome.metadata["change_plan"]["repaired"] == 90
+    assert outcome.calls == []
+    assert report(faq, store).healthy
