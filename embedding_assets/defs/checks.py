@@ -77,7 +77,14 @@ def retrieval_quality(
     context: dg.AssetCheckExecutionContext, validation_queries: ValidationQueries, store: StoreResource
 ) -> dg.AssetCheckResult:
     """Top-k accuracy of the published version on the labelled validation queries."""
-    queries = load_validation_queries(validation_queries.path)
+    try:
+        queries = load_validation_queries(validation_queries.path)
+    except (OSError, ValueError, KeyError) as exc:
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=f"validation queries {validation_queries.path} cannot be read ({type(exc).__name__}: {exc})",
+        )
     with store.open() as opened:
         published_ids = set(opened.published(context.partition_key)[1])
     retriever = TemplateRetriever.load(store.url, model_version=context.partition_key)
