@@ -46,7 +46,8 @@ def test_a_faq_edit_is_published_by_the_sensor_and_the_ui_draws_the_chain(warm, 
         assert first["status"] == "SUCCESS", server.tail("daemon.log")
         assert first["tags"]["dagster/partition"] == KEY
 
-        write_rows(faq, [*read_rows(faq), NEW_ROW])
+        edited_copy = write_rows(tmp_path / "edited.xlsx", [*read_rows(faq), NEW_ROW])
+        os.replace(edited_copy, faq)  # saved in one step, so the sensor never sees half a file
         edit_key = f"faq-{file_sha256(faq)[:16]}-edit-1-{KEY}"
         edited = server.wait_for_run({**sensor, "dagster/run_key": edit_key}, deadline)
         assert edited["status"] == "SUCCESS", server.tail("daemon.log")
