@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 BENCH_TEXTS ?= 2000
+UI_PORT ?= 3000
 SAMPLE_QUERY ?= украли телефон, а на нём приложение банка — что делать?
 
 .PHONY: run test ui bench clean
@@ -28,9 +29,9 @@ run: $(VENV)/.installed  ## materialize the store from data/faq.xlsx with the lo
 test: $(VENV)/.installed-test  ## the whole test suite
 	$(BIN)/python -m pytest
 
-ui: $(VENV)/.installed  ## Dagster webserver and daemon on http://127.0.0.1:3000
-	mkdir -p "$(DAGSTER_HOME)"
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+ui: $(VENV)/.installed  ## Dagster webserver and daemon (sensor, schedule, run queue) on http://127.0.0.1:$(UI_PORT)
+	$(BIN)/python -c "from embedding_assets import settings; settings.dagster_home()"
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(UI_PORT)
 
 bench: $(VENV)/.installed-test  ## benchmarks: print their tables
 	$(BIN)/python bench/bench_core.py

@@ -30,6 +30,9 @@ from embedding_assets.retrieval import TemplateRetriever  # noqa: E402
 from embedding_assets.store import SqliteStore  # noqa: E402
 from embedding_assets_tests.conftest import VTB_FAQ, read_rows, write_rows  # noqa: E402
 from embedding_assets_tests.pipeline import run_pipeline  # noqa: E402
+from embedding_assets.defs.checks import faq_content, retrieval_quality, store_matches_faq  # noqa: E402
+from embedding_assets.lib.faq import parse_faq  # noqa: E402
+from embedding_assets.settings import VALIDATION_QUERIES_VAR  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "embedding-assets")
 REPEATS = 30
@@ -51,6 +54,16 @@ def raw_read(path: Path, key: str, dimension: int, columns: str) -> np.ndarray:
     with sqlite3.connect(path) as conn:
         rows = conn.execute(f"SELECT {columns} FROM templates WHERE model_version = ?", (key,)).fetchall()
     return np.frombuffer(b"".join(r[-1] for r in rows), dtype="<f4").reshape(len(rows), dimension)
+
+
+def check_seconds(faq: Path, store: Path, instance: dg.DagsterInstance) -> dict[str, float]:
+    """Duration of each asset check's step in one no-op run of the chain with its checks."""
+    outcome = run_pipeline(faq, store, instance=instance, checks=[faq_content, store_matches_faq, retrieval_quality])
+    return {
+        event.step_key: event.event_specific_data.duration_ms / 1000
+        for event in outcome.result.all_events
+        if event.event_type_value == "STEP_SUCCESS" and event.step_key.startswith(("faq_templates_", "embedding_store_"))
+    }
 
 
 def synthetic_store(path: Path, rows: int, dimension: int = 384) -> str:
@@ -102,6 +115,22 @@ def main() -> None:
 
         noop = median_ms(lambda: run_pipeline(faq, store, instance=instance), repeats=5)
         results.append(("no-op rerun, in process", f"{noop:.0f} ms", "0 embedded"))
+
+        # Labelled queries for the real FAQ: the first 36 questions, each naming its own template.
+        queries = tmp / "queries.json"
+        templates = parse_faq(faq)[:36]
+        queries.write_text(json.dumps({"validation_queries": [
+            {"id": t.template_id, "query": t.question, "correct_template_id": t.template_id} for t in templates
+        ]}, ensure_ascii=False))
+        os.environ[VALIDATION_QUERIES_VAR] = str(queries)
+        check_seconds(faq, store, instance)  # loads the model for queries
+        samples = [check_seconds(faq, store, instance) for _ in range(3)]
+        medians = {step: statistics.median(s[step] for s in samples) for step in samples[0]}
+        results.append((
+            "asset checks in a no-op run, in process", f"{sum(medians.values()):.2f} s",
+            ", ".join(f"{step}: {seconds:.2f} s" for step, seconds in medians.items()),
+        ))
+        del os.environ[VALIDATION_QUERIES_VAR]
 
         env = {**os.environ, "EMBEDDING_ASSETS_FAQ_PATH": str(faq), "EMBEDDING_ASSETS_STORE": str(store),
                "DAGSTER_HOME": str(tmp / "dagster_home")}

@@ -11,7 +11,14 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FAQ_PATH_VAR = "EMBEDDING_ASSETS_FAQ_PATH"
 STORE_VAR = "EMBEDDING_ASSETS_STORE"
 MODEL_VERSIONS_VAR = "EMBEDDING_ASSETS_MODEL_VERSIONS"
+VALIDATION_QUERIES_VAR = "EMBEDDING_ASSETS_VALIDATION_QUERIES"
+SENSOR_INTERVAL_VAR = "EMBEDDING_ASSETS_SENSOR_INTERVAL"
+VERIFY_CRON_VAR = "EMBEDDING_ASSETS_VERIFY_CRON"
+VERIFY_TIMEZONE_VAR = "EMBEDDING_ASSETS_VERIFY_TIMEZONE"
 DEFAULT_FAQ_PATH = "data/faq.xlsx"
+DEFAULT_SENSOR_INTERVAL = 30
+DEFAULT_VERIFY_CRON = "0 3 * * *"
+DEFAULT_VERIFY_TIMEZONE = "UTC"
 
 
 def faq_path() -> str:
@@ -24,6 +31,24 @@ def store_url() -> str:
 
 def model_versions_path() -> str:
     return os.environ.get(MODEL_VERSIONS_VAR, str(PROJECT_ROOT / "model_versions.toml"))
+
+
+def validation_queries_path() -> str:
+    return os.environ.get(VALIDATION_QUERIES_VAR, str(PROJECT_ROOT / "data" / "validation_queries.json"))
+
+
+def sensor_interval_seconds() -> int:
+    """Seconds between two looks at the FAQ file."""
+    return int(os.environ.get(SENSOR_INTERVAL_VAR, DEFAULT_SENSOR_INTERVAL))
+
+
+def verify_cron() -> str:
+    """Cron expression of the nightly store verification."""
+    return os.environ.get(VERIFY_CRON_VAR, DEFAULT_VERIFY_CRON)
+
+
+def verify_timezone() -> str:
+    return os.environ.get(VERIFY_TIMEZONE_VAR, DEFAULT_VERIFY_TIMEZONE)
 
 
 def dagster_home() -> Path:

@@ -17,9 +17,15 @@ from embedding_assets.defs.assets import (
     template_embeddings,
     template_hashes,
 )
-from embedding_assets.defs.resources import EmbeddingStoreIOManager, FaqWorkbook, ModelCatalog, StoreResource
+from embedding_assets.defs.resources import (
+    EmbeddingStoreIOManager,
+    FaqWorkbook,
+    ModelCatalog,
+    StoreResource,
+    ValidationQueries,
+)
 from embedding_assets.lib.embedders import Embedder
-from embedding_assets.settings import PROJECT_ROOT
+from embedding_assets.settings import PROJECT_ROOT, validation_queries_path
 
 KEY = "e5-small-v1"
 ASSETS = [faq_templates, template_hashes, change_plan, template_embeddings, embedding_store]
@@ -55,6 +61,11 @@ class Outcome:
     result: dg.ExecuteInProcessResult
     calls: list[list[str]]
     metadata: dict[str, dict] = field(default_factory=dict)
+    checks: dict[str, dg.AssetCheckEvaluation] = field(default_factory=dict)
+
+    @property
+    def steps_run(self) -> set[str]:
+        return {event.step_key for event in self.result.all_events if event.event_type_value == "STEP_START"}
 
     @property
     def embedded_texts(self) -> list[str]:
@@ -70,11 +81,18 @@ class Outcome:
 
 
 def run_pipeline(
-    faq: Path, store: str | Path, *, instance: dg.DagsterInstance | None = None, force: bool = False, key: str = KEY
+    faq: Path,
+    store: str | Path,
+    *,
+    instance: dg.DagsterInstance | None = None,
+    force: bool = False,
+    repair: bool = False,
+    key: str = KEY,
+    checks: Sequence[dg.AssetChecksDefinition] = (),
 ) -> Outcome:
     EMBEDDING_CALLS.clear()
     result = dg.materialize(
-        ASSETS,
+        [*ASSETS, *checks],
         partition_key=key,
         instance=instance or dg.DagsterInstance.ephemeral(),
         resources={
@@ -82,8 +100,9 @@ def run_pipeline(
             "models": CountingModelCatalog(config_path=MODEL_VERSIONS),
             "store": StoreResource(url=str(store)),
             "store_io_manager": EmbeddingStoreIOManager(url=str(store)),
+            "validation_queries": ValidationQueries(path=validation_queries_path()),
         },
-        run_config={"ops": {"change_plan": {"config": {"force": force}}}},
+        run_config={"ops": {"change_plan": {"config": {"force": force, "repair": repair}}}},
         raise_on_error=False,
     )
     outcome = Outcome(result=result, calls=[list(c) for c in EMBEDDING_CALLS])
@@ -92,4 +111,6 @@ def run_pipeline(
         outcome.metadata[materialization.asset_key.to_user_string()] = {
             k: v.value for k, v in materialization.metadata.items()
         }
+    for evaluation in result.get_asset_check_evaluations():
+        outcome.checks[evaluation.check_name] = evaluation
     return outcome

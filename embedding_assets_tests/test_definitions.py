@@ -34,6 +34,25 @@ def test_the_job_is_partitioned_by_the_declared_model_versions():
     assert set(defs().resources) >= {"faq", "models", "store", "store_io_manager"}
 
 
+def test_the_sensor_and_the_schedule_start_running_and_the_checks_cover_the_chain():
+    definitions = defs()
+    sensor = definitions.resolve_sensor_def("faq_changed")
+    schedule = definitions.resolve_schedule_def("store_verification")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert sensor.minimum_interval_seconds == 30
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert (schedule.cron_schedule, schedule.execution_timezone) == ("0 3 * * *", "UTC")
+    assert sensor.job_name == schedule.job_name == EMBED_FAQ_JOB
+    graph = definitions.resolve_asset_graph()
+    checks = {(key.asset_key.to_user_string(), key.name) for key in graph.asset_check_keys}
+    assert checks == {
+        ("faq_templates", "faq_content"),
+        ("embedding_store", "store_matches_faq"),
+        ("embedding_store", "retrieval_quality"),
+    }
+    assert graph.get_check_spec(dg.AssetCheckKey(dg.AssetKey("faq_templates"), "faq_content")).blocking
+
+
 def test_dagster_validates_the_workspace(tmp_path):
     done = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],

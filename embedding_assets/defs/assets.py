@@ -9,6 +9,7 @@ from embedding_assets.defs.resources import FaqWorkbook, ModelCatalog, StoreReso
 from embedding_assets.lib.embedders import embed_with_cache
 from embedding_assets.lib.faq import Template
 from embedding_assets.lib.hashing import HashedTemplate, hash_templates
+from embedding_assets.lib.integrity import mark_for_repair, unhealthy_published_ids
 from embedding_assets.lib.plan import ChangePlan, build_change_plan
 from embedding_assets import settings
 from embedding_assets.store import ModelVersionMismatchError, PublishRequest, store_backend
@@ -22,6 +23,11 @@ STORE_KINDS = {"postgresql": {"postgres", "pgvector"}, "sqlite": {"sqlite"}}
 class ChangePlanConfig(dg.Config):
     force: bool = Field(
         default=False, description="Rebuild this version from scratch: re-embed every template, bypassing the cache."
+    )
+    repair: bool = Field(
+        default=False,
+        description="Also republish templates whose stored vector is NaN, infinite, zero or of the wrong "
+        "dimension (from the cache when it holds them).",
     )
 
 
@@ -85,6 +91,8 @@ def change_plan(
     version = models.get(context.partition_key)
     with store.open() as opened:
         stored, published = opened.published(version.key)
+        repaired = unhealthy_published_ids(opened, version.key) if config.repair and stored else []
+    published = mark_for_repair(published, repaired)
     if stored and stored.fingerprint != version.fingerprint() and not config.force:
         raise ModelVersionMismatchError(mismatch_message(version, stored))
     plan = build_change_plan(
@@ -99,6 +107,7 @@ def change_plan(
         {
             "to_embed": dg.MetadataValue.int(len(plan.texts_to_embed())),
             "rebuild": dg.MetadataValue.bool(plan.rebuild),
+            "repaired": dg.MetadataValue.int(len(repaired)),
             "base_generation": dg.MetadataValue.int(plan.base_generation or 0),
             "new_ids": dg.MetadataValue.json([i.template_id for i in plan.new[:LISTED_IDS]]),
             "modified_ids": dg.MetadataValue.json([i.template_id for i in plan.modified[:LISTED_IDS]]),

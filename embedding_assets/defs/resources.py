@@ -39,6 +39,10 @@ class FaqWorkbook(dg.ConfigurableResource):
         default=_DEFAULT_COLUMNS.template_id,
         description="Header of an optional id column; without it ids derive from category, subcategory, question.",
     )
+    max_removed_share: float = Field(
+        default=0.5,
+        description="The FAQ check refuses a sheet that drops more than this share of the published templates.",
+    )
 
     def read(self) -> list[Template]:
         columns = FaqColumns(
@@ -99,6 +103,14 @@ class StoreResource(dg.ConfigurableResource):
             store.close()
 
 
+class ValidationQueries(dg.ConfigurableResource):
+    """Labelled customer queries that measure retrieval quality."""
+
+    path: str = Field(description="JSON file with a `validation_queries` list (query, correct_template_id).")
+    top_k: int = Field(default=3, description="A query counts as answered when its template is in the top k.")
+    min_accuracy: float = Field(default=0.7, description="Top-k accuracy below this is reported as a warning.")
+
+
 class EmbeddingStoreIOManager(dg.ConfigurableIOManager):
     """Publishes a model version's change set in one transaction; loads published snapshots."""
 
@@ -149,5 +161,6 @@ def resources() -> dg.Definitions:
             ),
             "store": StoreResource(url=store_url_config()),
             "store_io_manager": EmbeddingStoreIOManager(url=store_url_config()),
+            "validation_queries": ValidationQueries(path=settings.validation_queries_path()),
         }
     )
