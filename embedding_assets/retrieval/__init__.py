@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from embedding_assets.lib.embedders import Embedder, embedder_for
+from embedding_assets.retrieval.ranking import LexicalIndex, fuse
 from embedding_assets.store import StoreSnapshot, open_store, redact_url
 
 __all__ = ["SearchHit", "TemplateRetriever"]
@@ -33,13 +34,26 @@ class SearchHit:
 class _Index:
     """An immutable in-memory copy of one snapshot, ready to search."""
 
-    def __init__(self, snapshot: StoreSnapshot, embedder: Embedder):
+    def __init__(self, snapshot: StoreSnapshot, embedder: Embedder, lexical_weight: float = 0.0):
         self.snapshot = snapshot
         self.embedder = embedder
         self.matrix = snapshot.matrix
         self.categories = np.array(snapshot.columns["category"], dtype=object)
         self.subcategories = np.array(snapshot.columns["subcategory"], dtype=object)
+        self.category_names = frozenset(snapshot.columns["category"])
+        self.subcategory_names = frozenset(snapshot.columns["subcategory"])
+        self.lexical_weight = lexical_weight
+        self.lexical = LexicalIndex(lexical_documents(snapshot)) if lexical_weight else None
         self.loaded_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def lexical_documents(snapshot: StoreSnapshot) -> list[str]:
+    """The text BM25 sees for each template: subcategory and question."""
+    return [f"{s} {q}" for s, q in zip(snapshot.columns["subcategory"], snapshot.columns["question"])]
+
+
+def _unknown(kind: str, value: str, known: frozenset[str]) -> ValueError:
+    return ValueError(f"unknown {kind} {value!r}; known: {', '.join(sorted(known))}")
 
 
 class TemplateRetriever:
@@ -52,16 +66,26 @@ class TemplateRetriever:
 
     @classmethod
     def load(
-        cls, store: str | Path, model_version: str | None = None, embedder: Embedder | None = None
+        cls,
+        store: str | Path,
+        model_version: str | None = None,
+        embedder: Embedder | None = None,
+        lexical_weight: float = 0.0,
     ) -> TemplateRetriever:
-        """Load the published templates of `model_version` (default: the store's current version)."""
+        """Load the published templates of `model_version` (default: the store's current version).
+
+        `lexical_weight` > 0 adds that fraction of a BM25 score (scaled to the best candidate's) to the
+        cosine similarity; 0, the default, ranks by cosine similarity alone.
+        """
+        if lexical_weight < 0:
+            raise ValueError("lexical_weight must not be negative")
         opened = open_store(store, create=False)
         try:
             snapshot = opened.snapshot(model_version)
         finally:
             opened.close()
         embedder = embedder or embedder_for(snapshot.version.to_model_version())
-        return cls(store, _Index(snapshot, embedder), model_version)
+        return cls(store, _Index(snapshot, embedder, lexical_weight), model_version)
 
     def search(
         self, text: str, top_k: int = 3, category: str | None = None, subcategory: str | None = None
@@ -75,18 +99,20 @@ class TemplateRetriever:
         index = self._index
         mask = np.ones(len(index.snapshot), dtype=bool)
         if category is not None:
-            if category not in set(index.categories):
-                raise ValueError(f"unknown category {category!r}")
+            if category not in index.category_names:
+                raise _unknown("category", category, index.category_names)
             mask &= index.categories == category
         if subcategory is not None:
-            if subcategory not in set(index.subcategories):
-                raise ValueError(f"unknown subcategory {subcategory!r}")
+            if subcategory not in index.subcategory_names:
+                raise _unknown("subcategory", subcategory, index.subcategory_names)
             mask &= index.subcategories == subcategory
         candidates = np.flatnonzero(mask)
         if candidates.size == 0:
             return []
         query = index.embedder.embed_query(text)
         scores = index.matrix[candidates] @ query if candidates.size < mask.size else index.matrix @ query
+        if index.lexical is not None:
+            scores = fuse(scores, index.lexical.scores(text)[candidates], index.lexical_weight)
         k = min(top_k, candidates.size)
         best = np.argpartition(-scores, k - 1)[:k]
         best = best[np.argsort(-scores[best], kind="stable")]
@@ -110,7 +136,7 @@ class TemplateRetriever:
         old = self._index
         same_model = snapshot.version.fingerprint == old.snapshot.version.fingerprint
         embedder = old.embedder if same_model else embedder_for(snapshot.version.to_model_version())
-        self._index = _Index(snapshot, embedder)
+        self._index = _Index(snapshot, embedder, old.lexical_weight)
         return True
 
     def info(self) -> dict:
@@ -123,6 +149,11 @@ class TemplateRetriever:
             "loaded_at": self._index.loaded_at,
             "store": redact_url(self._store_url),
         }
+
+    @property
+    def snapshot(self) -> StoreSnapshot:
+        """The loaded snapshot (replaced, never changed, by a reload)."""
+        return self._index.snapshot
 
     def __len__(self) -> int:
         return len(self._index.snapshot)
