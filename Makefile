@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 SAMPLE_QUERY ?= украли телефон, а на нём приложение банка — что делать?
 
-.PHONY: run test ui bench clean
+.PHONY: run test ui serve bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,12 @@ ui: $(VENV)/.installed  ## Dagster webserver and daemon on http://127.0.0.1:3000
 	mkdir -p "$(DAGSTER_HOME)"
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
+serve: $(VENV)/.installed  ## HTTP search service on http://127.0.0.1:8080 over the published store
+	$(BIN)/embedding-assets serve
+
 bench: $(VENV)/.installed-test  ## benchmarks: print their tables
 	$(BIN)/python bench/bench_core.py
+	$(BIN)/python bench/bench_retrieval.py
 
 clean:
 	rm -rf $(VENV) .dagster_home data/embeddings.db data/embeddings.db-wal data/embeddings.db-shm

@@ -38,13 +38,17 @@ class _Index:
         self.snapshot = snapshot
         self.embedder = embedder
         self.matrix = snapshot.matrix
-        self.categories = np.array(snapshot.columns["category"], dtype=object)
-        self.subcategories = np.array(snapshot.columns["subcategory"], dtype=object)
-        self.category_names = frozenset(snapshot.columns["category"])
-        self.subcategory_names = frozenset(snapshot.columns["subcategory"])
+        self.category_codes, self.categories = _codes(snapshot.columns["category"])
+        self.subcategory_codes, self.subcategories = _codes(snapshot.columns["subcategory"])
         self.lexical_weight = lexical_weight
         self.lexical = LexicalIndex(lexical_documents(snapshot)) if lexical_weight else None
         self.loaded_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _codes(values) -> tuple[dict[str, int], np.ndarray]:
+    """Each distinct value's code, and the code of every row (filters compare integers, not strings)."""
+    codes = {value: code for code, value in enumerate(dict.fromkeys(values))}
+    return codes, np.fromiter((codes[v] for v in values), dtype=np.int32, count=len(values))
 
 
 def lexical_documents(snapshot: StoreSnapshot) -> list[str]:
@@ -52,7 +56,7 @@ def lexical_documents(snapshot: StoreSnapshot) -> list[str]:
     return [f"{s} {q}" for s, q in zip(snapshot.columns["subcategory"], snapshot.columns["question"])]
 
 
-def _unknown(kind: str, value: str, known: frozenset[str]) -> ValueError:
+def _unknown(kind: str, value: str, known: dict[str, int]) -> ValueError:
     return ValueError(f"unknown {kind} {value!r}; known: {', '.join(sorted(known))}")
 
 
@@ -99,20 +103,24 @@ class TemplateRetriever:
         index = self._index
         mask = np.ones(len(index.snapshot), dtype=bool)
         if category is not None:
-            if category not in index.category_names:
-                raise _unknown("category", category, index.category_names)
-            mask &= index.categories == category
+            if category not in index.category_codes:
+                raise _unknown("category", category, index.category_codes)
+            mask &= index.categories == index.category_codes[category]
         if subcategory is not None:
-            if subcategory not in index.subcategory_names:
-                raise _unknown("subcategory", subcategory, index.subcategory_names)
-            mask &= index.subcategories == subcategory
+            if subcategory not in index.subcategory_codes:
+                raise _unknown("subcategory", subcategory, index.subcategory_codes)
+            mask &= index.subcategories == index.subcategory_codes[subcategory]
         candidates = np.flatnonzero(mask)
         if candidates.size == 0:
             return []
         query = index.embedder.embed_query(text)
-        scores = index.matrix[candidates] @ query if candidates.size < mask.size else index.matrix @ query
-        if index.lexical is not None:
-            scores = fuse(scores, index.lexical.scores(text)[candidates], index.lexical_weight)
+        scores = index.matrix @ query
+        lexical = index.lexical.scores(text) if index.lexical is not None else None
+        if candidates.size < mask.size:
+            scores = scores[candidates]
+            lexical = lexical[candidates] if lexical is not None else None
+        if lexical is not None:
+            scores = fuse(scores, lexical, index.lexical_weight)
         k = min(top_k, candidates.size)
         best = np.argpartition(-scores, k - 1)[:k]
         best = best[np.argsort(-scores[best], kind="stable")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -246,6 +247,9 @@ def serve(
     """Run the service with uvicorn until interrupted."""
     import uvicorn
 
+    # The local model's OpenMP threads otherwise spin between parallel regions; on a busy machine
+    # that multiplies query latency (see the README's benchmarks). Read when the model first loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     holder = RetrieverHolder(store, model_version, reload_interval, lexical_weight)
     uvicorn.run(create_app(holder), host=host, port=port, log_level="info")
