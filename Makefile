@@ -7,7 +7,7 @@ BENCH_TEXTS ?= 2000
 UI_PORT ?= 3000
 SAMPLE_QUERY ?= украли телефон, а на нём приложение банка — что делать?
 
-.PHONY: run test ui bench clean
+.PHONY: run test ui serve bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,14 @@ ui: $(VENV)/.installed  ## Dagster webserver and daemon (sensor, schedule, run q
 	$(BIN)/python -c "from embedding_assets import settings; settings.dagster_home()"
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(UI_PORT)
 
+serve: $(VENV)/.installed  ## HTTP search service on http://127.0.0.1:8080 over the published store
+	$(BIN)/embedding-assets serve
+
 bench: $(VENV)/.installed-test  ## benchmarks: print their tables
 	$(BIN)/python bench/bench_core.py
 	$(BIN)/python bench/bench_openai.py --texts $(BENCH_TEXTS)
 	$(BIN)/python bench/bench_pgvector.py
+	$(BIN)/python bench/bench_retrieval.py
 
 clean:
 	rm -rf $(VENV) .dagster_home data/embeddings.db data/embeddings.db-wal data/embeddings.db-shm

@@ -165,5 +165,49 @@ def search(
     _emit(payload, as_json, "\n".join(lines) or "no templates match")
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.option("--store", "store_url", help="Store URL (default: EMBEDDING_ASSETS_STORE or data/embeddings.db).")
+@click.option("--model", "model_key", help="Model version (default: the store's current one).")
+@click.option("--reload-interval", default=2.0, show_default=True, type=click.FloatRange(min=0.05),
+              help="Seconds between checks for a new publish.")
+@click.option("--lexical-weight", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="Weight of the BM25 score added to the cosine similarity (0: dense only).")
+def serve(host: str, port: int, store_url: str | None, model_key: str | None, reload_interval: float,
+          lexical_weight: float) -> None:
+    """HTTP search service: /search, /healthz, /readyz, /docs; reloads on every new publish."""
+    from embedding_assets.retrieval.service import serve as run_service
+
+    run_service(store_url or settings.store_url(), host=host, port=port, model_version=model_key,
+                reload_interval=reload_interval, lexical_weight=lexical_weight)
+
+
+@main.command()
+@click.option("--queries", "queries_path", required=True, type=click.Path(dir_okay=False),
+              help="JSON file with a `validation_queries` list (query, correct_template_id, category, ...).")
+@click.option("--store", "store_url", help="Store URL (default: EMBEDDING_ASSETS_STORE or data/embeddings.db).")
+@click.option("--model", "model_key", help="Model version (default: the store's current one).")
+@click.option("--labels", "label_mode", type=click.Choice(["auto", "id", "row"]), default="auto", show_default=True,
+              help="How correct_template_id names a template: its id, or `name_N` for the N-th data row "
+                   "(0-based) of the sheet; auto picks id when any label is a stored id.")
+@click.option("--lexical-weight", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="Weight of the BM25 score added to the cosine similarity (0: dense only).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def evaluate(queries_path: str, store_url: str | None, model_key: str | None, label_mode: str,
+             lexical_weight: float, as_json: bool) -> None:
+    """Top-1/3/5 accuracy, MRR, per-category results and misses on labelled queries."""
+    from embedding_assets.retrieval import TemplateRetriever
+    from embedding_assets.retrieval.evaluation import QueriesFileError, evaluate as run_evaluation, load_queries
+
+    try:
+        queries = load_queries(queries_path)
+        retriever = TemplateRetriever.load(store_url or settings.store_url(), model_key, lexical_weight=lexical_weight)
+        result = run_evaluation(retriever, queries, queries_file=queries_path, label_mode=label_mode)
+    except (StoreError, QueriesFileError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _emit(result.as_dict(), as_json, result.report())
+
+
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ from typing import Literal
 import numpy as np
 
 from embedding_assets.lib.embedders import Embedder, embedder_for
+from embedding_assets.retrieval.ranking import LexicalIndex, fuse
 from embedding_assets.store import StoreError, StoreSnapshot, VersionInfo, open_store, redact_url, store_backend
 
 __all__ = ["DATABASE_SEARCH_MIN_ROWS", "SearchHit", "SearchMode", "TemplateRetriever"]
@@ -40,13 +41,30 @@ class SearchHit:
 class _Index:
     """An immutable in-memory copy of one snapshot, ready to search."""
 
-    def __init__(self, snapshot: StoreSnapshot, embedder: Embedder):
+    def __init__(self, snapshot: StoreSnapshot, embedder: Embedder, lexical_weight: float = 0.0):
         self.snapshot = snapshot
         self.embedder = embedder
         self.matrix = snapshot.matrix
-        self.categories = np.array(snapshot.columns["category"], dtype=object)
-        self.subcategories = np.array(snapshot.columns["subcategory"], dtype=object)
+        self.category_codes, self.categories = _codes(snapshot.columns["category"])
+        self.subcategory_codes, self.subcategories = _codes(snapshot.columns["subcategory"])
+        self.lexical_weight = lexical_weight
+        self.lexical = LexicalIndex(lexical_documents(snapshot)) if lexical_weight else None
         self.loaded_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _codes(values) -> tuple[dict[str, int], np.ndarray]:
+    """Each distinct value's code, and the code of every row (filters compare integers, not strings)."""
+    codes = {value: code for code, value in enumerate(dict.fromkeys(values))}
+    return codes, np.fromiter((codes[v] for v in values), dtype=np.int32, count=len(values))
+
+
+def lexical_documents(snapshot: StoreSnapshot) -> list[str]:
+    """The text BM25 sees for each template: subcategory and question."""
+    return [f"{s} {q}" for s, q in zip(snapshot.columns["subcategory"], snapshot.columns["question"])]
+
+
+def _unknown(kind: str, value: str, known: dict[str, int]) -> ValueError:
+    return ValueError(f"unknown {kind} {value!r}; known: {', '.join(sorted(known))}")
 
 
 class _DatabaseIndex:
@@ -78,17 +96,22 @@ class TemplateRetriever:
         embedder: Embedder | None = None,
         mode: SearchMode = "auto",
         database_min_rows: int = DATABASE_SEARCH_MIN_ROWS,
+        lexical_weight: float = 0.0,
     ) -> TemplateRetriever:
         """Load `model_version` (default: the store's current version) for searching.
 
         mode="memory" copies the published vectors into memory; mode="database" ranks each query in
         PostgreSQL with the version's HNSW index; mode="auto" picks the database for PostgreSQL
-        stores with at least `database_min_rows` rows, memory otherwise.
+        stores with at least `database_min_rows` rows, memory otherwise. In memory mode,
+        `lexical_weight` > 0 adds that fraction of a BM25 score (scaled to the best candidate's) to
+        the cosine similarity; 0, the default, ranks by cosine similarity alone.
         """
         if mode not in ("auto", "memory", "database"):
             raise ValueError(f"unknown search mode {mode!r}; use auto, memory or database")
         if mode == "database" and store_backend(store) != "postgresql":
             raise StoreError(f"search mode 'database' needs a PostgreSQL store, not {redact_url(store)}")
+        if lexical_weight < 0:
+            raise ValueError("lexical_weight must not be negative")
         opened = open_store(store, create=False)
         try:
             if mode != "memory" and store_backend(store) == "postgresql":
@@ -101,7 +124,7 @@ class TemplateRetriever:
             if opened is not None:
                 opened.close()
         embedder = embedder or embedder_for(snapshot.version.to_model_version())
-        return cls(store, _Index(snapshot, embedder), model_version)
+        return cls(store, _Index(snapshot, embedder, lexical_weight), model_version)
 
     @staticmethod
     def _database_index(
@@ -169,18 +192,24 @@ class TemplateRetriever:
         index = self._index
         mask = np.ones(len(index.snapshot), dtype=bool)
         if category is not None:
-            if category not in set(index.categories):
-                raise ValueError(f"unknown category {category!r}")
-            mask &= index.categories == category
+            if category not in index.category_codes:
+                raise _unknown("category", category, index.category_codes)
+            mask &= index.categories == index.category_codes[category]
         if subcategory is not None:
-            if subcategory not in set(index.subcategories):
-                raise ValueError(f"unknown subcategory {subcategory!r}")
-            mask &= index.subcategories == subcategory
+            if subcategory not in index.subcategory_codes:
+                raise _unknown("subcategory", subcategory, index.subcategory_codes)
+            mask &= index.subcategories == index.subcategory_codes[subcategory]
         candidates = np.flatnonzero(mask)
         if candidates.size == 0:
             return []
         query = index.embedder.embed_query(text)
-        scores = index.matrix[candidates] @ query if candidates.size < mask.size else index.matrix @ query
+        scores = index.matrix @ query
+        lexical = index.lexical.scores(text) if index.lexical is not None else None
+        if candidates.size < mask.size:
+            scores = scores[candidates]
+            lexical = lexical[candidates] if lexical is not None else None
+        if lexical is not None:
+            scores = fuse(scores, lexical, index.lexical_weight)
         k = min(top_k, candidates.size)
         best = np.argpartition(-scores, k - 1)[:k]
         best = best[np.argsort(-scores[best], kind="stable")]
@@ -206,7 +235,7 @@ class TemplateRetriever:
         old = self._index
         same_model = snapshot.version.fingerprint == old.snapshot.version.fingerprint
         embedder = old.embedder if same_model else embedder_for(snapshot.version.to_model_version())
-        self._index = _Index(snapshot, embedder)
+        self._index = _Index(snapshot, embedder, old.lexical_weight)
         return True
 
     def info(self) -> dict:
@@ -230,6 +259,11 @@ class TemplateRetriever:
             "store": redact_url(self._store_url),
             "search_mode": "memory",
         }
+
+    @property
+    def snapshot(self) -> StoreSnapshot:
+        """The loaded snapshot (replaced, never changed, by a reload)."""
+        return self._index.snapshot
 
     def __len__(self) -> int:
         if isinstance(self._index, _DatabaseIndex):
