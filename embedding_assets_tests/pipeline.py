@@ -70,7 +70,13 @@ class Outcome:
 
 
 def run_pipeline(
-    faq: Path, store: Path, *, instance: dg.DagsterInstance | None = None, force: bool = False, key: str = KEY
+    faq: Path,
+    store: Path | str,
+    *,
+    instance: dg.DagsterInstance | None = None,
+    force: bool = False,
+    key: str = KEY,
+    model_versions: Path | str = MODEL_VERSIONS,
 ) -> Outcome:
     EMBEDDING_CALLS.clear()
     result = dg.materialize(
@@ -79,7 +85,7 @@ def run_pipeline(
         instance=instance or dg.DagsterInstance.ephemeral(),
         resources={
             "faq": FaqWorkbook(path=str(faq)),
-            "models": CountingModelCatalog(config_path=MODEL_VERSIONS),
+            "models": CountingModelCatalog(config_path=str(model_versions)),
             "store": StoreResource(url=str(store)),
             "store_io_manager": EmbeddingStoreIOManager(url=str(store)),
         },
