@@ -320,20 +320,20 @@ def test_promote_job_switches_the_current_version(store, tmp_path: Path, monkeyp
     job = defs().resolve_job_def("promote_model_version")
 
     result = job.execute_in_process(
-        run_config={"ops": {"promote_model_version": {"config": {"model_version": "wide-v2"}}}},
+        run_config={"ops": {"promote_version": {"config": {"model_version": "wide-v2"}}}},
         instance=dg.DagsterInstance.ephemeral(),
     )
 
     assert result.success
-    assert result.output_for_node("promote_model_version") == "wide-v2"
+    assert result.output_for_node("promote_version") == "wide-v2"
     assert store.current_version() == "wide-v2"
     failed = job.execute_in_process(
-        run_config={"ops": {"promote_model_version": {"config": {"model_version": "nope"}}}},
+        run_config={"ops": {"promote_version": {"config": {"model_version": "nope"}}}},
         instance=dg.DagsterInstance.ephemeral(),
         raise_on_error=False,
     )
     assert not failed.success
     assert failure_message(failed) == (
-        "step promote_model_version failed: "
+        "step promote_version failed: "
         f"{tmp_path / 'store.db'}: model version 'nope' has not been published (published: mini-v1, wide-v2)"
     )

@@ -9,7 +9,7 @@ class PromoteConfig(dg.Config):
 
 
 @dg.op
-def promote_model_version(context: dg.OpExecutionContext, config: PromoteConfig, store: StoreResource) -> str:
+def promote_version(context: dg.OpExecutionContext, config: PromoteConfig, store: StoreResource) -> str:
     """Switch the store's current model version in one transaction."""
     with store.open() as opened:
         previous = opened.current_version()
@@ -29,4 +29,4 @@ def promote_model_version(context: dg.OpExecutionContext, config: PromoteConfig,
 
 @dg.job(name="promote_model_version", description="Make a published model version the one readers use.")
 def promote_model_version_job():
-    promote_model_version()
+    promote_version()
