@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
 from embedding_assets import settings
-from embedding_assets.store import StoreError, open_store, redact_url
+from embedding_assets.store import EmbeddingStore, StoreError, open_store, redact_url
 
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
@@ -117,20 +119,33 @@ def _run_summary(key: str, result) -> tuple[dict, str]:
     return summary, text
 
 
+@contextmanager
+def _existing_store(*, write: bool = False) -> Iterator[EmbeddingStore]:
+    """The configured store, which must exist; read-only unless write is asked for."""
+    url = settings.store_url()
+    try:
+        store = open_store(url, create=False)
+        if write:
+            store.close()
+            store = open_store(url)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        yield store
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        store.close()
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(as_json: bool) -> None:
     """Published model versions: rows, generation, last publish."""
     url = settings.store_url()
-    try:
-        store = open_store(url, create=False)
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from exc
-    try:
+    with _existing_store() as store:
         versions = [v.as_dict() for v in store.versions()]
         generation = store.generation()
-    finally:
-        store.close()
     payload = {"store": redact_url(url), "generation": generation, "versions": versions}
     lines = [f"store {redact_url(url)} at generation {generation}"]
     lines += [
@@ -139,6 +154,53 @@ def status(as_json: bool) -> None:
         for v in versions
     ]
     _emit(payload, as_json, "\n".join(lines))
+
+
+@main.group()
+def versions() -> None:
+    """List, promote and prune the model versions published in the store."""
+
+
+VERSION_COLUMNS = ("model_version", "provider", "model", "dimension", "rows", "created_at", "published_at",
+                   "generation", "current")
+
+
+@versions.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def versions_list(as_json: bool) -> None:
+    """Every published version; the current one is marked with *."""
+    with _existing_store() as store:
+        rows = [v.as_dict() for v in store.versions()]
+    table = [VERSION_COLUMNS] + [
+        tuple("*" if name == "current" and row[name] else "" if name == "current" else str(row[name])
+              for name in VERSION_COLUMNS)
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(VERSION_COLUMNS))]
+    text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table)
+    _emit(rows, as_json, text if rows else "no model version has been published")
+
+
+@versions.command("promote")
+@click.argument("key")
+def versions_promote(key: str) -> None:
+    """Make a published version the one readers use (one transaction)."""
+    with _existing_store(write=True) as store:
+        previous = store.current_version()
+        info = store.promote(key)
+    if previous == key:
+        click.echo(f"{key} is already the current version ({info.rows} rows)")
+    else:
+        click.echo(f"{key} is now the current version ({info.rows} rows); it was {previous or 'none'}")
+
+
+@versions.command("prune")
+@click.argument("key")
+def versions_prune(key: str) -> None:
+    """Delete a version that is not current, with its cached vectors."""
+    with _existing_store(write=True) as store:
+        removed = store.prune(key)
+    click.echo(f"pruned {key}: {removed} rows removed")
 
 
 @main.command()

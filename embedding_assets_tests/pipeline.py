@@ -89,6 +89,7 @@ def run_pipeline(
     repair: bool = False,
     key: str = KEY,
     checks: Sequence[dg.AssetChecksDefinition] = (),
+    model_versions: Path | str = MODEL_VERSIONS,
 ) -> Outcome:
     EMBEDDING_CALLS.clear()
     result = dg.materialize(
@@ -97,7 +98,7 @@ def run_pipeline(
         instance=instance or dg.DagsterInstance.ephemeral(),
         resources={
             "faq": FaqWorkbook(path=str(faq)),
-            "models": CountingModelCatalog(config_path=MODEL_VERSIONS),
+            "models": CountingModelCatalog(config_path=str(model_versions)),
             "store": StoreResource(url=str(store)),
             "store_io_manager": EmbeddingStoreIOManager(url=str(store)),
             "validation_queries": ValidationQueries(path=validation_queries_path()),

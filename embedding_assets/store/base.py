@@ -150,6 +150,18 @@ def check_publish_vectors(version: ModelVersion, plan: ChangePlan, vectors: Mapp
         raise StoreError(str(exc)) from exc
 
 
+def unpublished_message(key: str, published: Sequence[str]) -> str:
+    listed = ", ".join(published) if published else "none yet"
+    return f"model version {key!r} has not been published (published: {listed})"
+
+
+def current_prune_message(key: str) -> str:
+    return (
+        f"model version {key!r} is the current version and cannot be pruned; "
+        "promote another version first (embedding-assets versions promote KEY)"
+    )
+
+
 class EmbeddingStore(Protocol):
     location: str
 
@@ -168,6 +180,10 @@ class EmbeddingStore(Protocol):
     def publish(
         self, version: ModelVersion, plan: ChangePlan, vectors: Mapping[str, np.ndarray]
     ) -> PublishResult: ...
+
+    def promote(self, key: str) -> VersionInfo: ...
+
+    def prune(self, key: str) -> int: ...
 
     def snapshot(self, key: str | None = None) -> StoreSnapshot: ...
 

@@ -26,8 +26,10 @@ from embedding_assets.store.base import (
     StoreSnapshot,
     VersionInfo,
     check_publish_vectors,
+    current_prune_message,
     mismatch_message,
     settings_json,
+    unpublished_message,
 )
 
 SCHEMA_VERSION = 1
@@ -320,6 +322,37 @@ class SqliteStore:
                 conn.execute("INSERT INTO store_meta VALUES ('current_version', ?)", (version.key,))
                 current = version.key
         return PublishResult(version.key, generation, rows, True, current == version.key, time.perf_counter() - started)
+
+    def promote(self, key: str) -> VersionInfo:
+        """Make a published version the one readers use, in one transaction."""
+        with self._writing() as conn:
+            found = self._version_rows("WHERE key = ?", (key,))
+            if not found:
+                raise StoreError(f"{self.path}: {unpublished_message(key, [v.key for v in self._version_rows()])}")
+            if self._meta("current_version") != key:
+                generation = int(self._meta("generation") or 0) + 1
+                conn.execute(
+                    "INSERT INTO store_meta VALUES ('current_version', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key,),
+                )
+                conn.execute("UPDATE store_meta SET value = ? WHERE key = 'generation'", (str(generation),))
+            return self._version_rows("WHERE key = ?", (key,))[0]
+
+    def prune(self, key: str) -> int:
+        """Delete a non-current version, its templates and its cached vectors; the number of rows removed."""
+        with self._writing() as conn:
+            found = self._version_rows("WHERE key = ?", (key,))
+            if not found:
+                raise StoreError(f"{self.path}: {unpublished_message(key, [v.key for v in self._version_rows()])}")
+            if self._meta("current_version") == key:
+                raise StoreError(current_prune_message(key))
+            rows = conn.execute("DELETE FROM templates WHERE model_version = ?", (key,)).rowcount
+            conn.execute("DELETE FROM embedding_cache WHERE model_version = ?", (key,))
+            conn.execute("DELETE FROM model_versions WHERE key = ?", (key,))
+            generation = int(self._meta("generation") or 0) + 1
+            conn.execute("UPDATE store_meta SET value = ? WHERE key = 'generation'", (str(generation),))
+        return rows
 
     def snapshot(self, key: str | None = None) -> StoreSnapshot:
         """The published rows and vectors of one version (default: the current one)."""
