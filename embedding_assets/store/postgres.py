@@ -39,8 +39,10 @@ from embedding_assets.store.base import (
     StoreSnapshot,
     VersionInfo,
     check_publish_vectors,
+    current_prune_message,
     mismatch_message,
     settings_json,
+    unpublished_message,
 )
 
 SCHEMA_VERSION = 1
@@ -454,6 +456,53 @@ class PostgresStore:
                 current = key
             self._create_index(cur, key, version.dimension)
         return PublishResult(key, generation, rows, True, current == key, time.perf_counter() - started)
+
+    def promote(self, key: str) -> VersionInfo:
+        """Make a published version the one readers use, in one transaction."""
+        with self._transaction() as cur:
+            generation = int(self._meta(cur, "generation", lock=True) or 0)
+            found = self._version_rows(cur, key)
+            if not found:
+                raise StoreError(unpublished_message(key, [v.key for v in self._version_rows(cur)]))
+            if self._meta(cur, "current_version") != key:
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO {schema}.store_meta VALUES ('current_version', %s) "
+                        "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                    ),
+                    (key,),
+                )
+                cur.execute(
+                    self._sql("UPDATE {schema}.store_meta SET value = %s WHERE key = 'generation'"),
+                    (str(generation + 1),),
+                )
+            return self._version_rows(cur, key)[0]
+
+    def prune(self, key: str) -> int:
+        """Delete a non-current version, its templates, cached vectors and index; the rows removed."""
+        with self._transaction() as cur:
+            generation = int(self._meta(cur, "generation", lock=True) or 0)
+            found = self._version_rows(cur, key)
+            if not found:
+                raise StoreError(unpublished_message(key, [v.key for v in self._version_rows(cur)]))
+            if self._meta(cur, "current_version") == key:
+                raise StoreError(current_prune_message(key))
+            cur.execute(self._sql("DELETE FROM {schema}.templates WHERE model_version = %s"), (key,))
+            rows = cur.rowcount
+            cur.execute(self._sql("DELETE FROM {schema}.embedding_cache WHERE model_version = %s"), (key,))
+            cur.execute(self._sql("DELETE FROM {schema}.model_versions WHERE key = %s"), (key,))
+            self._drop_other_indexes(cur, key, 0)
+            cur.execute(
+                self._sql("UPDATE {schema}.store_meta SET value = %s WHERE key = 'generation'"),
+                (str(generation + 1),),
+            )
+        return rows
+
+    def check_integrity(self) -> None:
+        """The server guards page integrity; this checks that the store's tables are all there."""
+        with self._transaction(snapshot=True) as cur:
+            if not self._has_store_tables(cur):
+                raise StoreCorruptError(f"{self.location}: the embedding store tables are missing")
 
     def _upsert(self, cur, table: str, rows: list[tuple], kinds: Sequence[str], on_conflict: str) -> None:
         """Binary COPY into a transaction-local staging table, then one INSERT … ON CONFLICT into `table`."""
