@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from embedding_assets.store.base import (
     EmbeddingStore,
+    ForeignDatabaseError,
     ModelVersionMismatchError,
     PublishRequest,
     PublishResult,
@@ -24,6 +26,7 @@ DEFAULT_STORE_URL = "sqlite:///data/embeddings.db"
 __all__ = [
     "DEFAULT_STORE_URL",
     "EmbeddingStore",
+    "ForeignDatabaseError",
     "ModelVersionMismatchError",
     "PublishRequest",
     "PublishResult",
@@ -35,6 +38,7 @@ __all__ = [
     "StoreSnapshot",
     "VersionInfo",
     "open_store",
+    "open_store_for_rebuild",
     "redact_url",
     "sqlite_path",
 ]
@@ -67,3 +71,30 @@ def open_store(url: str | Path, *, create: bool = True) -> EmbeddingStore:
         scheme = str(url).split("://", 1)[0]
         raise StoreError(f"unsupported store URL scheme {scheme!r} in {redact_url(url)}; use sqlite:///path.db")
     return SqliteStore(path, create=create)
+
+
+def open_store_for_rebuild(url: str | Path) -> tuple[EmbeddingStore, Path | None]:
+    """Open a store for a forced rebuild; a damaged SQLite file is moved aside (kept) and a new one made.
+
+    Returns the store and where the damaged file went (None when nothing was moved).
+    """
+    store = None
+    try:
+        store = open_store(url)
+        store.check_integrity()
+        return store, None
+    except ForeignDatabaseError:
+        raise
+    except StoreCorruptError:
+        if store is not None:
+            store.close()
+        path = sqlite_path(url)
+        if path is None:
+            raise
+    aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%S%f}")
+    path.rename(aside)
+    for suffix in ("-wal", "-shm"):
+        companion = path.with_name(path.name + suffix)
+        if companion.exists():
+            companion.rename(aside.with_name(aside.name + suffix))
+    return open_store(url), aside
