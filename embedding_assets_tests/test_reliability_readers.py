@@ -17,6 +17,7 @@ from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import build_change_plan
 from embedding_assets.store import open_store
 from embedding_assets_tests.conftest import PROJECT_ROOT, make_template
+from embedding_assets_tests.reliability import BACKENDS, record_figure
 
 pytestmark = pytest.mark.reliability
 
@@ -24,12 +25,11 @@ PUBLISHES = 100
 STABLE = 10
 VERSION = ModelVersion(key="e5-small-v1", provider="local", model="multilingual-e5-small", dimension=384,
                        settings={"variant": "original"})
-BACKENDS = ("sqlite",)
 
 
 @pytest.fixture(params=BACKENDS)
-def store_url(request, tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'store.db'}"
+def store_url(request) -> str:
+    return request.getfixturevalue(f"{request.param}_store_url")
 
 
 def vector_of(content_hash: str) -> np.ndarray:
@@ -104,5 +104,8 @@ def test_a_reader_process_sees_only_whole_generations_during_100_publishes(store
     assert generations == sorted(generations)
     assert generations[-1] == max(states)
     assert len(set(generations)) >= 10, f"the reader saw only generations {sorted(set(generations))}"
-    print(f"\nreaders: {len(seen)} searches over {len(set(generations))} of {len(states)} generations, "
-          f"0 errors, 0 mixed, 0 missing")
+    record_figure(
+        f"concurrent readers ({store_url.split(':')[0]})",
+        f"{PUBLISHES} publishes (adds, edits, deletes); a reader process made {len(seen)} searches over "
+        f"{len(set(generations))} generations: errors 0, mixed generations 0, missing templates 0",
+    )
