@@ -85,3 +85,22 @@ def warm(first_run, tmp_path):
     store = tmp_path / "store.db"
     shutil.copyfile(first_run[2], store)
     return write_rows(tmp_path / "faq.xlsx", read_rows(SAMPLE_FAQ)), store
+
+
+@pytest.fixture
+def sqlite_store_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    from embedding_assets_tests.reliability import FIGURES
+
+    if FIGURES:
+        terminalreporter.section("reliability figures")
+        for name, text in FIGURES:
+            terminalreporter.write_line(f"{name}: {text}")
+
+
+@pytest.fixture
+def postgres_store_url(postgres_url: str) -> str:
+    return postgres_url

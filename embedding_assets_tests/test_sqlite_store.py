@@ -25,7 +25,7 @@ from embedding_assets.store import (
     redact_url,
     sqlite_path,
 )
-from embedding_assets.store.base import StoreSnapshot, mismatch_message
+from embedding_assets.store.base import ForeignDatabaseError, StoreSnapshot, mismatch_message
 
 V4 = ModelVersion(key="mini-v1", provider="local", model="mini", dimension=4, settings={"variant": "test"})
 V3 = ModelVersion(key="tiny-v1", provider="local", model="tiny", dimension=3, text_template="{question}")
@@ -466,14 +466,14 @@ def test_text_file_is_corrupt_and_untouched(tmp_path: Path) -> None:
         (False, "{path} is not an embedding store (", "store_meta"),
     ],
 )
-def test_sqlite_file_with_other_tables_is_corrupt(tmp_path: Path, create: bool, prefix: str, mentions: str) -> None:
+def test_sqlite_file_with_other_tables_is_refused(tmp_path: Path, create: bool, prefix: str, mentions: str) -> None:
     path = tmp_path / "other.db"
     with sqlite3.connect(path) as conn:
         conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
         conn.execute("INSERT INTO users (name) VALUES ('alice')")
     conn.close()
     content = path.read_bytes()
-    with pytest.raises(StoreCorruptError) as exc_info:
+    with pytest.raises(ForeignDatabaseError if create else StoreCorruptError) as exc_info:
         open_store(path, create=create)
     message = str(exc_info.value)
     assert message.startswith(prefix.format(path=path))

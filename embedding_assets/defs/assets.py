@@ -89,7 +89,7 @@ def change_plan(
 ) -> dg.Output[ChangePlan]:
     """Templates that are new, modified, deleted or unchanged against this version's published store."""
     version = models.get(context.partition_key)
-    with store.open() as opened:
+    with store.open_checked(rebuild_damaged=config.force, log=context.log) as opened:
         stored, published = opened.published(version.key)
         repaired = unhealthy_published_ids(opened, version.key) if config.repair and stored else []
     published = mark_for_repair(published, repaired)

@@ -13,8 +13,10 @@ from embedding_assets.lib.openai_embedder import DEFAULT_API_KEY_ENV, OpenAISett
 from embedding_assets.store import (
     EmbeddingStore,
     PublishRequest,
+    StoreCorruptError,
     StoreSnapshot,
     open_store,
+    open_store_for_rebuild,
     redact_url,
     store_backend,
 )
@@ -101,6 +103,36 @@ class StoreResource(dg.ConfigurableResource):
             yield store
         finally:
             store.close()
+
+    @contextmanager
+    def open_checked(self, *, rebuild_damaged: bool, log) -> Iterator[EmbeddingStore]:
+        """The store after an integrity check; with rebuild_damaged a damaged file is moved aside first."""
+        if rebuild_damaged:
+            store, moved = open_store_for_rebuild(self.url)
+            if moved is not None:
+                log.warning(f"the store was damaged: moved it to {moved} and started a new one")
+        else:
+            store = _open_intact(self.url)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+def _open_intact(url: str) -> EmbeddingStore:
+    try:
+        store = open_store(url)
+    except StoreCorruptError as exc:
+        raise StoreCorruptError(f"{exc}; {_REBUILD_HINT}") from exc
+    try:
+        store.check_integrity()
+    except StoreCorruptError as exc:
+        store.close()
+        raise StoreCorruptError(f"{exc}; {_REBUILD_HINT}") from exc
+    return store
+
+
+_REBUILD_HINT = "rebuild it with `embedding-assets materialize --force` (the damaged file is kept beside it)"
 
 
 class ValidationQueries(dg.ConfigurableResource):

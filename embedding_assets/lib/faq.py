@@ -88,25 +88,90 @@ def derived_template_id(category: str, subcategory: str, question: str) -> str:
     return "t-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
 
 
-def _read_sheet(path: Path, sheet: str | int) -> pd.DataFrame:
-    import pandas as pd  # imported here: the CLI's other commands start faster without it
+_OLE2_SIGNATURE = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+_ZIP_SIGNATURE = b"PK\x03\x04"
 
+
+def _check_file(path: Path) -> None:
+    """Refuse what is not an .xlsx before the reader does, with a message a user can act on."""
     if not path.exists():
         raise FaqError(path, ["file not found"])
     if not path.is_file():
         raise FaqError(path, ["not a file"])
-    try:
-        return pd.read_excel(
-            path, sheet_name=sheet, dtype=object, header=0, engine="openpyxl", keep_default_na=False
-        )
-    except ValueError as exc:
-        if "Worksheet named" in str(exc):
-            raise FaqError(path, [f"no sheet named {sheet!r}"]) from exc
-        raise FaqError(path, [f"cannot be read as an .xlsx workbook ({exc})"]) from exc
-    except Exception as exc:  # openpyxl and zipfile raise many unrelated types for a bad file
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if not head:
+        raise FaqError(path, ["the file is empty (0 bytes)"])
+    if head == _OLE2_SIGNATURE:
         raise FaqError(
-            path, [f"cannot be read as an .xlsx workbook ({type(exc).__name__}: {exc})"]
-        ) from exc
+            path,
+            ["is a password-protected workbook or an old .xls file; save it as an .xlsx without a password"],
+        )
+    if not head.startswith(_ZIP_SIGNATURE):
+        raise FaqError(path, ["is not an .xlsx workbook (an .xlsx file is a zip archive; this one is not)"])
+
+
+def _open_workbook(path: Path, *, data_only: bool):
+    import openpyxl
+
+    try:
+        return openpyxl.load_workbook(path, data_only=data_only)
+    except Exception as exc:  # openpyxl and zipfile raise many unrelated types for a bad file
+        raise FaqError(path, [f"cannot be read as an .xlsx workbook ({type(exc).__name__}: {exc})"]) from exc
+
+
+def _select_sheet(path: Path, book, sheet: str | int):
+    names = book.sheetnames
+    if isinstance(sheet, str):
+        if sheet not in names:
+            raise FaqError(path, [f"no sheet named {sheet!r} (sheets: {', '.join(map(repr, names))})"])
+        return book[sheet]
+    chosen = book.worksheets[sheet]
+    if chosen.max_row <= 1 and chosen.max_column <= 1 and chosen.cell(1, 1).value is None:
+        others = [ws.title for ws in book.worksheets if ws is not chosen and ws.max_row > 1]
+        hint = f"; the data may be on sheet {', '.join(map(repr, others))}: set the sheet name" if others else ""
+        raise FaqError(path, [f"sheet {chosen.title!r} is empty{hint}"])
+    return chosen
+
+
+def _fill_merged_cells(sheet) -> None:
+    """Give every cell of a merged range the range's value (a category merged over its rows)."""
+    for merged in list(sheet.merged_cells.ranges):
+        value = sheet.cell(merged.min_row, merged.min_col).value
+        sheet.unmerge_cells(str(merged))
+        for row in sheet.iter_rows(
+            min_row=merged.min_row, max_row=merged.max_row, min_col=merged.min_col, max_col=merged.max_col
+        ):
+            for cell in row:
+                cell.value = value
+
+
+def _read_sheet(path: Path, sheet: str | int) -> pd.DataFrame:
+    """The sheet as a frame of raw cell values; formulas read as the value the workbook saved."""
+    import pandas as pd  # imported here: the CLI's other commands start faster without it
+
+    _check_file(path)
+    book = _open_workbook(path, data_only=False)
+    chosen = _select_sheet(path, book, sheet)
+    formulas = {(c.row, c.column): c.value for row in chosen.iter_rows() for c in row if c.data_type == "f"}
+    if formulas:
+        book = _open_workbook(path, data_only=True)
+        chosen = book[chosen.title]
+        unsaved = [(r, c, f) for (r, c), f in formulas.items() if chosen.cell(r, c).value is None]
+        if unsaved:
+            raise FaqError(
+                path,
+                [
+                    f"row {r}, column {chosen.cell(HEADER_ROW, c).value!r}: formula {f} has no saved value; "
+                    "open and save the workbook in Excel or LibreOffice, or paste the values"
+                    for r, c, f in unsaved
+                ],
+            )
+    _fill_merged_cells(chosen)
+    rows = list(chosen.iter_rows(values_only=True))
+    header = rows[0] if rows else ()
+    columns = [str(name) if name is not None else f"Unnamed: {i}" for i, name in enumerate(header)]
+    return pd.DataFrame([list(r) for r in rows[1:]], columns=columns, dtype=object)
 
 
 def _column_positions(path: Path, frame: pd.DataFrame, columns: FaqColumns) -> dict[str, object]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from embedding_assets.store.base import (
     EmbeddingStore,
+    ForeignDatabaseError,
     ModelVersionMismatchError,
     PublishRequest,
     PublishResult,
@@ -26,6 +28,7 @@ POSTGRES_SCHEMES = ("postgresql", "postgres")
 __all__ = [
     "DEFAULT_STORE_URL",
     "EmbeddingStore",
+    "ForeignDatabaseError",
     "ModelVersionMismatchError",
     "POSTGRES_SCHEMES",
     "PostgresStore",
@@ -39,6 +42,7 @@ __all__ = [
     "StoreSnapshot",
     "VersionInfo",
     "open_store",
+    "open_store_for_rebuild",
     "redact_url",
     "sqlite_path",
     "store_backend",
@@ -91,3 +95,30 @@ def open_store(url: str | Path, *, create: bool = True) -> EmbeddingStore:
             "use sqlite:///path.db or postgresql://user:password@host:port/database"
         )
     return SqliteStore(path, create=create)
+
+
+def open_store_for_rebuild(url: str | Path) -> tuple[EmbeddingStore, Path | None]:
+    """Open a store for a forced rebuild; a damaged SQLite file is moved aside (kept) and a new one made.
+
+    Returns the store and where the damaged file went (None when nothing was moved).
+    """
+    store = None
+    try:
+        store = open_store(url)
+        store.check_integrity()
+        return store, None
+    except ForeignDatabaseError:
+        raise
+    except StoreCorruptError:
+        if store is not None:
+            store.close()
+        path = sqlite_path(url)
+        if path is None:
+            raise
+    aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%S%f}")
+    path.rename(aside)
+    for suffix in ("-wal", "-shm"):
+        companion = path.with_name(path.name + suffix)
+        if companion.exists():
+            companion.rename(aside.with_name(aside.name + suffix))
+    return open_store(url), aside

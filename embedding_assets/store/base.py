@@ -27,6 +27,10 @@ class StoreCorruptError(StoreError):
     """The store exists but is not a readable embedding store."""
 
 
+class ForeignDatabaseError(StoreError):
+    """The location holds another application's database; it is never changed or moved."""
+
+
 class StalePlanError(StoreError):
     """The store changed after the change plan was computed."""
 
@@ -186,6 +190,8 @@ class EmbeddingStore(Protocol):
     def prune(self, key: str) -> int: ...
 
     def snapshot(self, key: str | None = None) -> StoreSnapshot: ...
+
+    def check_integrity(self) -> None: ...
 
     def close(self) -> None: ...
 

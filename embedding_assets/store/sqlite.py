@@ -16,6 +16,7 @@ import numpy as np
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import ChangePlan, StoredTemplate
 from embedding_assets.store.base import (
+    ForeignDatabaseError,
     ModelVersionMismatchError,
     PublishResult,
     StalePlanError,
@@ -163,7 +164,7 @@ class SqliteStore:
             if not create:
                 raise StoreCorruptError(f"{self.path} is not an embedding store (no store_meta table)")
             if tables:
-                raise StoreCorruptError(
+                raise ForeignDatabaseError(
                     f"{self.path} is an SQLite file with other tables ({', '.join(sorted(tables))}), "
                     "not an embedding store"
                 )
@@ -200,11 +201,25 @@ class SqliteStore:
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn
-        conn.execute("BEGIN")
         try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc):
+                raise StoreError(f"{self.path}: the store is locked by another process ({exc})") from exc
+            raise StoreCorruptError(f"{self.path}: cannot read the store ({exc})") from exc
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorruptError(f"{self.path}: cannot read the store ({exc})") from exc
+
+    def check_integrity(self) -> None:
+        """Raise StoreCorruptError when SQLite's quick_check finds damaged pages."""
+        with self._reading() as conn:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise StoreCorruptError(f"{self.path} is damaged: {'; '.join(problems)}")
 
     def _meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM store_meta WHERE key = ?", (key,)).fetchone()

@@ -1,0 +1,52 @@
+"""A separate reader process: reload and search a store in a loop, writing what it saw as JSON lines.
+
+    python -m embedding_assets_tests.reader_probe STORE_URL OUT_FILE STOP_FILE [--mode memory|database]
+
+Each line is {"generation", "model_version", "hits": [[template_id, answer], ...]} for a search
+that returns every template, or {"error": "..."}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from embedding_assets.retrieval import TemplateRetriever
+
+QUERY = "Как заблокировать карту, если её украли?"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("store")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("stop", type=Path)
+    parser.add_argument("--mode", default=None)
+    args = parser.parse_args()
+    extra = {"mode": args.mode} if args.mode else {}
+    retriever = TemplateRetriever.load(args.store, **extra)
+    with args.out.open("w", encoding="utf-8") as out:
+        out.write(json.dumps({"ready": True}) + "\n")
+        out.flush()
+        while not args.stop.exists():
+            try:
+                retriever.reload_if_changed()
+                info = retriever.info()
+                hits = retriever.search(QUERY, top_k=10_000)
+                record = {
+                    "generation": info["store_generation"],
+                    "model_version": info["model_version"],
+                    "rows": info["rows"],
+                    "hits": [[h.template_id, h.answer] for h in hits],
+                }
+            except Exception as exc:  # every error is a finding: recorded, never hidden
+                record = {"error": f"{type(exc).__name__}: {exc}"}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            time.sleep(0.002)
+
+
+if __name__ == "__main__":
+    main()
