@@ -92,6 +92,11 @@ def test_a_reader_process_sees_only_whole_generations_during_100_publishes(store
             for sheet in sheet_iter:
                 states[publish(store, sheet)] = {t.template_id: t.answer for t in sheet}
                 _wait_for_a_search(out, reader)
+            final = f'"generation": {max(states)},'
+            deadline = time.monotonic() + 60
+            while final not in out.read_text(encoding="utf-8") and time.monotonic() < deadline:
+                assert reader.poll() is None, "the reader process exited"
+                time.sleep(0.02)
         finally:
             stop.touch()
             reader.wait(timeout=60)
