@@ -112,11 +112,14 @@ class CharNgramIndex:
         counts = [self._counts(d) for d in documents]
         frequency = Counter(g for c in counts for g in c)
         self._idf = {g: math.log((1 + self._size) / (1 + df)) + 1.0 for g, df in frequency.items()}
-        self._postings: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        postings: dict[str, list[tuple[int, float]]] = defaultdict(list)
         for position, c in enumerate(counts):
-            vector = self._weights(c)
-            for gram, weight in vector.items():
-                self._postings[gram].append((position, weight))
+            for gram, weight in self._weights(c).items():
+                postings[gram].append((position, weight))
+        self._postings = {
+            gram: (np.array([p for p, _ in entries], dtype=np.int64), np.array([w for _, w in entries], dtype=np.float32))
+            for gram, entries in postings.items()
+        }
 
     def _counts(self, text: str) -> Counter[str]:
         tokens = [fold_word(w) for w in words(text)] if self._fold else words(text)
@@ -131,8 +134,9 @@ class CharNgramIndex:
         """Cosine similarity (0..1) of the query to every document."""
         result = np.zeros(self._size, dtype=np.float32)
         for gram, weight in self._weights(self._counts(query)).items():
-            for position, doc_weight in self._postings.get(gram, ()):
-                result[position] += weight * doc_weight
+            if (posting := self._postings.get(gram)) is not None:
+                positions, doc_weights = posting
+                result[positions] += weight * doc_weights
         return result
 
 
