@@ -71,6 +71,12 @@ def test_character_ngrams_of_an_unknown_query_score_zero():
     assert index.scores("zzzzzz").tolist() == [0.0, 0.0]
 
 
+def test_empty_corpora_and_texts_of_function_words_only():
+    assert CharNgramIndex([]).scores("карта").tolist() == []
+    assert BM25([[]]).scores(["карта"]).tolist() == [0.0]
+    assert LemmaIndex(["и в на", "вклад"]).scores("и в").tolist() == [0.0, 0.0]
+
+
 def test_lemmas_drop_function_words_and_read_latin_in_cyrillic():
     assert lemma("карточки") == "карточка"
     assert lemma("через") is None
