@@ -1,0 +1,105 @@
+"""The service's /docs page works offline: Swagger UI comes from an installed package, not a CDN."""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.error
+import urllib.request
+from html.parser import HTMLParser
+from urllib.parse import urljoin, urlsplit
+
+import pytest
+
+from embedding_assets_tests.dagster_ui import launch_chromium
+from embedding_assets_tests.test_service import Service
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+
+
+class References(HTMLParser):
+    """Every src and href of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.urls += [value for name, value in attrs if name in {"src", "href"} and value]
+
+
+def fetch(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.headers.get("content-type", ""), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers.get("content-type", ""), error.read()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """A service with no store yet: the docs do not wait for one."""
+    directory = tmp_path_factory.mktemp("docs")
+    started = Service(directory / "not-yet.db", directory)
+    yield started
+    started.stop()
+
+
+def test_docs_reference_no_external_host_and_every_asset_is_served(service: Service) -> None:
+    status, content_type, body = fetch(service.url + "/docs")
+    page = body.decode("utf-8")
+    assert (status, content_type.split(";")[0]) == (200, "text/html")
+    assert re.findall(r"(?:https?:)?//[\w.-]+", page) == []
+    parser = References()
+    parser.feed(page)
+    openapi_url = re.search(r"url: '([^']+)'", page).group(1)
+    urls = [*parser.urls, openapi_url]
+    assert sorted(urlsplit(url).path.rsplit("/", 1)[-1] for url in urls) == [
+        "favicon-32x32.png", "openapi.json", "swagger-ui-bundle.js", "swagger-ui.css",
+    ]
+    assert all(not urlsplit(url).netloc for url in urls), urls
+    kinds = {}
+    for url in urls:
+        status, content_type, body = fetch(urljoin(service.url + "/docs", url))
+        assert status == 200 and body, url
+        kinds[url.rsplit("/", 1)[-1]] = content_type.split(";")[0]
+    assert kinds == {
+        "favicon-32x32.png": "image/png",
+        "openapi.json": "application/json",
+        "swagger-ui-bundle.js": "text/javascript",
+        "swagger-ui.css": "text/css",
+    }
+    assert fetch(service.url + "/redoc")[0] == 404  # ReDoc would need a CDN
+    assert fetch(service.url + "/docs/assets/absent.js")[0] == 404
+
+
+def test_docs_render_in_chromium_with_no_request_leaving_the_machine(service: Service, tmp_path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        try:
+            browser = launch_chromium(playwright)
+        except Exception as exc:
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(f"Chromium cannot start in CI: {exc}")
+            pytest.skip(f"Chromium cannot start: {exc}")
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(service.url + "/docs", wait_until="networkidle", timeout=60_000)
+            page.wait_for_selector(".opblock-summary-path", timeout=60_000)
+            operations = sorted(
+                f"{method.strip()} {path.strip()}"
+                for method, path in zip(
+                    page.locator(".opblock-summary-method").all_inner_texts(),
+                    page.locator(".opblock-summary-path").all_inner_texts(),
+                )
+            )
+            title = page.locator(".info .title").inner_text()
+            page.screenshot(path=str(tmp_path / "docs.png"), full_page=True)
+        finally:
+            browser.close()
+    assert operations == ["GET /healthz", "GET /readyz", "GET /search", "POST /search"]
+    assert title.startswith("FAQ template retrieval")
+    assert {urlsplit(url).hostname for url in requested} <= LOCAL_HOSTS, requested
