@@ -1,9 +1,14 @@
-"""The service's /docs page works offline: Swagger UI comes from an installed package, not a CDN."""
+"""The service's /docs page works offline (Swagger UI from an installed package, not a CDN), and the
+README's curl lines work as written."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
+import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from html.parser import HTMLParser
@@ -11,8 +16,9 @@ from urllib.parse import urljoin, urlsplit
 
 import pytest
 
+from embedding_assets_tests.conftest import PROJECT_ROOT
 from embedding_assets_tests.dagster_ui import launch_chromium
-from embedding_assets_tests.test_service import Service
+from embedding_assets_tests.test_service import Service, running  # noqa: F401  (fixture)
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 
@@ -103,3 +109,28 @@ def test_docs_render_in_chromium_with_no_request_leaving_the_machine(service: Se
     assert operations == ["GET /healthz", "GET /readyz", "GET /search", "POST /search"]
     assert title.startswith("FAQ template retrieval")
     assert {urlsplit(url).hostname for url in requested} <= LOCAL_HOSTS, requested
+
+
+def readme_search_lines() -> list[str]:
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    return re.findall(r"^curl -sG http://127\.0\.0\.1:8080/search .+$", readme, re.M)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_readme_curl_lines_return_hits(running) -> None:
+    service, _ = running
+    lines = readme_search_lines()
+    assert len(lines) == 2
+    found = []
+    for line in lines:
+        command = shlex.split(line.replace("http://127.0.0.1:8080", service.url))
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        body = json.loads(done.stdout)
+        assert body["hits"], line
+        found.append((body["query"], len(body["hits"]), body["hits"][0]["template_id"]))
+    assert found[0] == ("забыла пин от карточки", 2, "CARD-007")
+    assert found[1][:2] == ("украли телефон", 3)
+    raw = subprocess.run(["curl", "-s", "-w", " %{http_code}", f"{service.url}/search?query=забыла+пин&top_k=2"],
+                         capture_output=True, text=True, timeout=60)
+    assert raw.stdout.endswith(" 400")  # why the README encodes the query
