@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+DG := VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/dg
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 BENCH_TEXTS ?= 2000
 UI_PORT ?= 3000
@@ -31,11 +32,11 @@ test: $(VENV)/.installed-test  ## the whole test suite
 
 check: $(VENV)/.installed  ## `dg check defs`: the code location loads and its definitions are valid
 	$(BIN)/python -c "from embedding_assets import settings; settings.dagster_home()"
-	$(BIN)/dg check defs
+	$(DG) check defs
 
 ui: $(VENV)/.installed  ## `dg dev`: Dagster webserver and daemon (sensor, schedule, run queue) on http://127.0.0.1:$(UI_PORT)
 	$(BIN)/python -c "from embedding_assets import settings; settings.dagster_home()"
-	$(BIN)/dg dev -h 127.0.0.1 -p $(UI_PORT)
+	$(DG) dev -h 127.0.0.1 -p $(UI_PORT)
 
 serve: $(VENV)/.installed  ## HTTP search service on http://127.0.0.1:8080 over the published store
 	$(BIN)/embedding-assets serve
