@@ -1,10 +1,12 @@
-# The embedding_assets code location with the Dagster webserver and daemon (see docker-compose.yml).
+# The embedding_assets code location, the Dagster webserver and daemon, and the retrieval service
+# (see docker-compose.yml). .dockerignore keeps local stores, venvs and caches out of the image.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    DAGSTER_HOME=/opt/dagster/home
+    DAGSTER_HOME=/opt/dagster/home \
+    DAGSTER_COMPUTE_LOGS_DIR=/opt/dagster/compute-logs
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -15,5 +17,5 @@ COPY model_versions.toml workspace.yaml ./
 COPY data ./data
 COPY deploy/dagster.yaml ${DAGSTER_HOME}/dagster.yaml
 
-EXPOSE 3000
+EXPOSE 3000 8080
 CMD ["dagster-webserver", "-h", "0.0.0.0", "-p", "3000", "-w", "workspace.yaml"]

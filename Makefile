@@ -2,12 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+DG := VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/dg
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 BENCH_TEXTS ?= 2000
 UI_PORT ?= 3000
 SAMPLE_QUERY ?= украли телефон, а на нём приложение банка — что делать?
 
-.PHONY: run test ui serve bench clean
+.PHONY: run test check ui serve bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +30,13 @@ run: $(VENV)/.installed  ## materialize the store from data/faq.xlsx with the lo
 test: $(VENV)/.installed-test  ## the whole test suite
 	$(BIN)/python -m pytest
 
-ui: $(VENV)/.installed  ## Dagster webserver and daemon (sensor, schedule, run queue) on http://127.0.0.1:$(UI_PORT)
+check: $(VENV)/.installed  ## `dg check defs`: the code location loads and its definitions are valid
 	$(BIN)/python -c "from embedding_assets import settings; settings.dagster_home()"
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(UI_PORT)
+	$(DG) check defs
+
+ui: $(VENV)/.installed  ## `dg dev`: Dagster webserver and daemon (sensor, schedule, run queue) on http://127.0.0.1:$(UI_PORT)
+	$(BIN)/python -c "from embedding_assets import settings; settings.dagster_home()"
+	$(DG) dev -h 127.0.0.1 -p $(UI_PORT)
 
 serve: $(VENV)/.installed  ## HTTP search service on http://127.0.0.1:8080 over the published store
 	$(BIN)/embedding-assets serve

@@ -17,6 +17,7 @@ from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import build_change_plan
 from embedding_assets.store import open_store
 from embedding_assets_tests.conftest import PROJECT_ROOT, make_template
+from embedding_assets_tests.reader_probe import complete_lines
 from embedding_assets_tests.reliability import BACKENDS, record_figure
 
 pytestmark = pytest.mark.reliability
@@ -66,11 +67,23 @@ def sheets(seed: int = 7):
 
 def _wait_for_a_search(out: Path, reader: subprocess.Popen, timeout: float = 2.0) -> None:
     """Pace the publishes on the reader, so it searches between most of them (it may still miss some)."""
-    lines = out.read_text(encoding="utf-8").count("\n")
+    lines = len(complete_lines(out))
     deadline = time.monotonic() + timeout
-    while out.read_text(encoding="utf-8").count("\n") == lines and time.monotonic() < deadline:
+    while len(complete_lines(out)) == lines and time.monotonic() < deadline:
         assert reader.poll() is None, "the reader process exited"
         time.sleep(0.005)
+
+
+def test_a_line_still_being_written_is_not_read(tmp_path: Path) -> None:
+    """A reader of the probe's file stops at the last newline, even inside a multi-byte character."""
+    out = tmp_path / "reader.jsonl"
+    whole = json.dumps({"generation": 1, "hits": [["T-1", "Ответ"]]}, ensure_ascii=False) + "\n"
+    half = json.dumps({"generation": 2, "hits": [["T-1", "Ответ"]]}, ensure_ascii=False).encode("utf-8")
+    out.write_bytes(whole.encode("utf-8") + half[: half.index("Ответ".encode("utf-8")) + 1])
+    with pytest.raises(UnicodeDecodeError):
+        out.read_text(encoding="utf-8")
+    assert complete_lines(out) == [whole.rstrip("\n")]
+    assert complete_lines(tmp_path / "absent.jsonl") == []
 
 
 def test_a_reader_process_sees_only_whole_generations_during_100_publishes(store_url: str, tmp_path: Path) -> None:
@@ -86,7 +99,7 @@ def test_a_reader_process_sees_only_whole_generations_during_100_publishes(store
         )
         try:
             deadline = time.monotonic() + 120
-            while not (out.exists() and out.read_text().strip()) and time.monotonic() < deadline:
+            while not complete_lines(out) and time.monotonic() < deadline:
                 assert reader.poll() is None, "the reader process exited before it was ready"
                 time.sleep(0.05)
             for sheet in sheet_iter:
@@ -94,14 +107,14 @@ def test_a_reader_process_sees_only_whole_generations_during_100_publishes(store
                 _wait_for_a_search(out, reader)
             final = f'"generation": {max(states)},'
             deadline = time.monotonic() + 60
-            while final not in out.read_text(encoding="utf-8") and time.monotonic() < deadline:
+            while not any(final in line for line in complete_lines(out)) and time.monotonic() < deadline:
                 assert reader.poll() is None, "the reader process exited"
                 time.sleep(0.02)
         finally:
             stop.touch()
             reader.wait(timeout=60)
 
-    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()[1:]]
+    records = [json.loads(line) for line in complete_lines(out)[1:]]
     errors = [r["error"] for r in records if "error" in r]
     seen = [r for r in records if "error" not in r]
     mixed = [r["generation"] for r in seen if dict(r["hits"]) != states[r["generation"]]]

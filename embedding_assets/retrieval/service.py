@@ -13,8 +13,11 @@ from typing import Annotated
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, field_validator
+from swagger_ui_bundle import swagger_ui_path
 
 from embedding_assets.retrieval import TemplateRetriever
 from embedding_assets.store import redact_url
@@ -22,6 +25,7 @@ from embedding_assets.store import redact_url
 log = logging.getLogger("embedding_assets.service")
 
 MAX_TOP_K = 50
+DOCS_ASSETS = "/docs/assets"
 
 
 class SearchRequest(BaseModel):
@@ -160,6 +164,22 @@ def _error(status: int, error: str, detail: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": error, "detail": detail})
 
 
+def _add_offline_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the files of the installed swagger-ui-bundle package, no CDN."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} · API docs",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None},  # the online validator badge is an external image
+        )
+
+
 def create_app(holder: RetrieverHolder) -> FastAPI:
     """The FastAPI application serving one holder's retriever."""
 
@@ -174,8 +194,11 @@ def create_app(holder: RetrieverHolder) -> FastAPI:
         description="Top-k FAQ templates for a customer query, from the latest published embedding store.",
         version="1",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.holder = holder
+    _add_offline_docs(app)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
