@@ -11,6 +11,7 @@ import pytest
 from msoffcrypto.format.ooxml import OOXMLFile
 from openpyxl import Workbook, load_workbook
 
+from embedding_assets.lib.faq import header_hint
 from embedding_assets.store import open_store
 from embedding_assets_tests.conftest import HEADER, read_rows, write_rows
 from embedding_assets_tests.pipeline import failure_message, run_pipeline
@@ -57,7 +58,7 @@ def test_a_password_protected_workbook(warm) -> None:
     faq.write_bytes(encrypted.getvalue())
     _run_refused(
         faq, store,
-        _problem(faq, "is a password-protected workbook or an old .xls file; save it as an .xlsx without a password"),
+        _problem(faq, "is a password-protected workbook; save it without a password"),
     )
 
 
@@ -78,7 +79,10 @@ def test_a_missing_column(warm) -> None:
     faq, store = warm
     write_rows(faq, [row[:6] for row in _sample_rows()])
     found = ", ".join(repr(h) for h in HEADER[:6])
-    _run_refused(faq, store, _problem(faq, f"row 1: missing required column 'Шаблонный ответ' (found columns: {found})"))
+    _run_refused(
+        faq, store,
+        _problem(faq, f"row 1: missing required column 'Шаблонный ответ' (found columns: {found})", header_hint("Sheet", None, 20)),
+    )
 
 
 def test_a_renamed_header(warm) -> None:
@@ -87,7 +91,10 @@ def test_a_renamed_header(warm) -> None:
     rows[0][3] = "Вопрос клиента"
     write_rows(faq, rows)
     found = ", ".join(repr(h) for h in [*HEADER[:3], "Вопрос клиента", *HEADER[4:]])
-    _run_refused(faq, store, _problem(faq, f"row 1: missing required column 'Пример вопроса' (found columns: {found})"))
+    _run_refused(
+        faq, store,
+        _problem(faq, f"row 1: missing required column 'Пример вопроса' (found columns: {found})", header_hint("Sheet", None, 20)),
+    )
 
 
 def test_empty_cells_are_all_listed(warm) -> None:
