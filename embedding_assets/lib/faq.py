@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import re
@@ -29,9 +30,12 @@ def normalize_text(value: object) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     text = unicodedata.normalize("NFC", str(value))
-    if _INVISIBLE.search(text):
-        text = _INVISIBLE.sub("", text)
-    return " ".join(text.split())
+    if text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " ":
+        return text  # the common case, quickly
+    collapsed = " ".join(text.split())
+    if collapsed.isprintable():  # no format or control character left: nothing invisible to drop
+        return collapsed
+    return " ".join(_INVISIBLE.sub("", collapsed).split())
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,16 @@ def read_faq(
     header_row: int | None = None,
 ) -> FaqSheet:
     """Read the FAQ sheet; raise FaqError listing every problem (file, row, column)."""
-    path = Path(path)
+    collecting = gc.isenabled()
+    gc.disable()  # a sheet is hundreds of thousands of new objects and no cycles: collecting meanwhile only costs
+    try:
+        return _read_faq(Path(path), columns, sheet, header_row)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _read_faq(path: Path, columns: FaqColumns, sheet: str | int | None, header_row: int | None) -> FaqSheet:
     try:
         grid = read_sheet(path, sheet)
     except SheetError as exc:
@@ -136,55 +149,51 @@ def read_faq(
     header_index, positions = _find_header(path, grid, columns, header_row)
     headers = {field: _cell_text(grid.rows[header_index], col) for field, col in positions.items()}
     has_ids = "template_id" in positions
-    problems: list[str] = []
+    first = header_index + 1
+    data = grid.rows[first:]
+    width = max(positions.values()) + 1
+    if any(len(cells) < width for cells in data):
+        data = [cells if len(cells) >= width else [*cells, *[""] * (width - len(cells))] for cells in data]
+    by_column = list(zip(*data)) if data else [()] * width
+    found: list[tuple[int, str]] = []  # (row, problem), sorted by row at the end
+    columns_text = {
+        field: _column_text(list(by_column[col]), field, first + 1, headers[field], found)
+        for field, col in positions.items()
+    }
+    blank = [""] * len(data)
+    category, subcategory, question, answer = (columns_text[f] for f in REQUIRED_FIELDS)
+    priority, audience = (columns_text.get(f, blank) for f in OPTIONAL_FIELDS)
+    ids = columns_text.get("template_id", blank)
     templates: list[Template] = []
+    append = templates.append
     id_rows: dict[str, int] = {}
-    for index in range(header_index + 1, len(grid.rows)):
-        cells = grid.rows[index]
-        row = index + 1
-        values: dict[str, str] = {}
-        for field, col in positions.items():
-            value = cells[col] if col < len(cells) else ""
-            if type(value) is str:
-                values[field] = normalize_text(value) if value else ""
-            else:
-                values[field] = _typed_cell_text(value, field, row, headers[field], problems)
-        if not any(values.values()):
-            continue
-        for field in REQUIRED_FIELDS + OPTIONAL_FIELDS + ("template_id",):
-            value = values.get(field)
-            if value == "" and value is not _REPORTED and grid.package_path is not None:
-                values[field] = _hidden_cell_text(grid, row, positions[field], headers[field], problems)
-        for field in REQUIRED_FIELDS:
-            if not values[field] and values[field] is not _REPORTED:
-                problems.append(f"row {row}, column {headers[field]!r}: empty {field}")
-        if has_ids:
-            template_id = values["template_id"]
-            if template_id is _REPORTED:
-                pass
-            elif not template_id:
-                problems.append(f"row {row}, column {headers['template_id']!r}: empty id")
-            elif template_id in id_rows:
-                problems.append(
-                    f"row {row}, column {headers['template_id']!r}: duplicate id {template_id!r} "
-                    f"(first used in row {id_rows[template_id]})"
-                )
-            else:
-                id_rows[template_id] = row
+    row = first
+    for values in zip(category, subcategory, question, answer, priority, audience, ids):
+        row += 1
+        if "" in values:
+            if not any(values):
+                continue
+            values = _fill_hidden_cells(grid, row, values, positions, headers, found)
+            for field, value in zip(REQUIRED_FIELDS, values):
+                if not value and value is not _REPORTED:
+                    found.append((row, f"row {row}, column {headers[field]!r}: empty {field}"))
+        c, s, q, a, p, au, template_id = values
+        if not has_ids:
+            template_id = derived_template_id(c, s, q)
+        elif template_id in id_rows:
+            found.append((
+                row,
+                f"row {row}, column {headers['template_id']!r}: duplicate id {template_id!r} "
+                f"(first used in row {id_rows[template_id]})",
+            ))
+        elif not template_id:
+            if template_id is not _REPORTED:
+                found.append((row, f"row {row}, column {headers['template_id']!r}: empty id"))
         else:
-            template_id = derived_template_id(values["category"], values["subcategory"], values["question"])
-        templates.append(
-            Template(
-                template_id=template_id,
-                category=values["category"],
-                subcategory=values["subcategory"],
-                question=values["question"],
-                answer=values["answer"],
-                priority=values.get("priority", ""),
-                audience=values.get("audience", ""),
-                source_row=row,
-            )
-        )
+            id_rows[template_id] = row
+        append(Template(template_id, c, s, q, a, p, au, row))
+    found.sort(key=lambda item: item[0])
+    problems = [problem for _, problem in found]
     if problems:
         raise FaqError(path, problems)
     if not templates:
@@ -246,17 +255,65 @@ def _typed_cell_text(value: object, field: str, row: int, header: str, problems:
     return _REPORTED
 
 
-def _hidden_cell_text(grid: Sheet, row: int, col: int, header: str, problems: list[str]) -> str:
-    """An empty-looking .xlsx cell: a formula whose value was never saved is refused, an error value is kept."""
+def _column_text(values: list, field: str, first_row: int, header: str, found: list[tuple[int, str]]) -> list[str]:
+    """One column's cells as normalised text; a cell that is not text is reported and read as empty."""
+    typed = []
+    if set(map(type, values)) != {str}:
+        typed = [i for i, value in enumerate(values) if type(value) is not str]
+        for i in typed:
+            problems: list[str] = []
+            values[i] = _typed_cell_text(values[i], field, first_row + i, header, problems)
+            found.extend((first_row + i, problem) for problem in problems)
+    if field in _REPEATING_FIELDS:  # a few distinct values: normalise each once
+        distinct = {value: normalize_text(value) for value in set(values)}
+        if any(key != text for key, text in distinct.items()):
+            values = [distinct[value] for value in values]
+            for i in typed:
+                values[i] = _REPORTED
+        return values
+    # Mostly distinct, mostly clean: check the whole column at once, then cell by cell.
+    joined = "\n".join(values)
+    if not unicodedata.is_normalized("NFC", joined):
+        return [value if value is _REPORTED else normalize_text(value) for value in values]
+    if (
+        all(map(str.isprintable, values))
+        and "  " not in joined
+        and " \n" not in joined
+        and "\n " not in joined
+        and joined[:1] != " "
+        and joined[-1:] != " "
+    ):
+        return values
+    return [
+        v if v.isprintable() and "  " not in v and v[:1] != " " and v[-1:] != " " else normalize_text(v) for v in values
+    ]
+
+
+_REPEATING_FIELDS = frozenset({"category", "subcategory", "priority", "audience"})
+
+
+def _fill_hidden_cells(
+    grid: Sheet, row: int, values: tuple, positions: dict[str, int], headers: dict[str, str], found: list
+) -> tuple:
+    """Empty-looking .xlsx cells: a formula whose value was never saved is refused, an error value is read."""
+    if grid.package_path is None:
+        return values
     unsaved, errors = grid.hidden_cells()
-    position = (row, col + 1)
-    if position in unsaved:
-        problems.append(
-            f"row {row}, column {header!r}: formula {unsaved[position]} has no saved value; "
-            "open and save the workbook in Excel or LibreOffice, or paste the values"
-        )
-        return _REPORTED
-    return errors.get(position, "")
+    filled = list(values)
+    for i, field in enumerate((*REQUIRED_FIELDS, *OPTIONAL_FIELDS, "template_id")):
+        if values[i] != "" or values[i] is _REPORTED or field not in positions:
+            continue
+        position = (row, positions[field] + 1)
+        if position in unsaved:
+            found.append((
+                row,
+                f"row {row}, column {headers[field]!r}: formula {unsaved[position]} has no saved value; "
+                "open and save the workbook in Excel or LibreOffice, or paste the values",
+            ))
+            filled[i] = _REPORTED
+        elif position in errors:
+            filled[i] = errors[position]
+    return tuple(filled)
 
 
 def _find_header(

@@ -159,10 +159,11 @@ def _read_workbook(path: Path, suffix: str, sheet: str | int | None) -> Sheet:
                 for m in book.sheets_metadata
             ]
             name, how = _choose_sheet(infos, sheet, _active_sheet(package, suffix, infos))
-            rows = book.get_sheet_by_name(name).to_python(skip_empty_area=False)
+            chosen = book.get_sheet_by_name(name)
+            rows = chosen.to_python(skip_empty_area=False)
             if not any(any(v != "" for v in row) for row in rows):
                 raise SheetError([_empty_sheet_problem(book, infos, name)])
-            merged = book.get_sheet_by_name(name).merged_cell_ranges or []
+            merged = chosen.merged_cell_ranges or []
         _fill_merged_cells(rows, merged)
         ooxml = package is not None and suffix in _OOXML_SUFFIXES
         return Sheet(name=name, rows=rows, sheets=infos, how_chosen=how, package_path=path if ooxml else None)
@@ -251,7 +252,7 @@ def _active_sheet(package: zipfile.ZipFile | None, suffix: str, infos: list[Shee
 _SHEET_ENTRY = re.compile(rb"<(?:\w+:)?sheet\b([^>]*)/?>")
 _ATTRIBUTE = re.compile(rb'([\w:]+)="([^"]*)"')
 _RELATIONSHIP = re.compile(rb"<(?:\w+:)?Relationship\b([^>]*)/?>")
-_FORMULA_OR_ERROR = re.compile(rb'<(?:\w+:)?f[\s>/]|\bt="e"')
+_FORMULA_OR_ERROR = re.compile(rb'<f[\s>/]|\bt="e"')
 _CELL_REF = re.compile(rb'\br="([A-Z]+)(\d+)"')
 _FORMULA_TEXT = re.compile(rb"<(?:\w+:)?f\b[^>]*?(?:/>|>(.*?)</(?:\w+:)?f>)", re.S)
 _VALUE = re.compile(rb"<(?:\w+:)?v>(.*?)</(?:\w+:)?v>", re.S)
@@ -289,10 +290,10 @@ def _hidden_cells(package: zipfile.ZipFile, name: str) -> tuple[dict[tuple[int, 
         return {}, {}
     unsaved: dict[tuple[int, int], str] = {}
     errors: dict[tuple[int, int], str] = {}
+    if b"<f" not in xml and b't="e"' not in xml:
+        return unsaved, errors
     for hit in _FORMULA_OR_ERROR.finditer(xml):
         start = xml.rfind(b"<c ", 0, hit.start())
-        if start < 0:
-            start = xml.rfind(b":c ", 0, hit.start())
         end = xml.find(b"</c>", hit.start())
         end = len(xml) if end < 0 else end
         cell = xml[start:end]
