@@ -83,6 +83,22 @@ def test_a_wrong_faq_table_is_refused_with_its_cause(clean_env, text: str, messa
     assert message in str(exc_info.value)
 
 
+def test_the_resource_says_which_sheet_it_read(tmp_path) -> None:
+    from openpyxl import Workbook
+
+    book = Workbook()
+    book.active.title = "Old"
+    book.active.sheet_state = "hidden"
+    faq = book.create_sheet("FAQ")
+    for row in read_rows(SAMPLE_FAQ):
+        faq.append(row)
+    book.active = 1
+    book.save(tmp_path / "faq.xlsx")
+    sheet = FaqWorkbook(path=str(tmp_path / "faq.xlsx")).read_sheet()
+    assert (sheet.sheet, sheet.header_row, sheet.other_sheets, len(sheet.templates)) == ("FAQ", 1, ["Old"], 90)
+    assert sheet.note == "read sheet 'FAQ' (the active sheet); other sheets: 'Old' (hidden); headers in row 1"
+
+
 def test_materialize_reads_the_file_named_by_faq_and_the_columns_named_by_variables(first_run, tmp_path) -> None:
     rows = read_rows(SAMPLE_FAQ)
     faq = tmp_path / "english.csv"

@@ -7,7 +7,7 @@ from pydantic import Field
 
 from embedding_assets import settings
 from embedding_assets.lib.embedders import Embedder, embedder_for
-from embedding_assets.lib.faq import FaqColumns, Template, read_faq
+from embedding_assets.lib.faq import FaqColumns, FaqSheet, Template, read_faq
 from embedding_assets.lib.model_versions import ModelVersion, load_model_versions
 from embedding_assets.lib.openai_embedder import DEFAULT_API_KEY_ENV, OpenAISettings
 from embedding_assets.store import (
@@ -52,6 +52,10 @@ class FaqWorkbook(dg.ConfigurableResource):
     )
 
     def read(self) -> list[Template]:
+        return self.read_sheet().templates
+
+    def read_sheet(self) -> FaqSheet:
+        """The templates with the sheet and header row they came from; logs which sheet was read."""
         columns = FaqColumns(
             category=self.category_column,
             subcategory=self.subcategory_column,
@@ -63,8 +67,11 @@ class FaqWorkbook(dg.ConfigurableResource):
         )
         sheet = read_faq(self.path, columns, self.sheet, self.header_row)
         log = dg.get_dagster_logger()
-        (log.warning if sheet.other_sheets and self.sheet is None else log.info)(f"FAQ {self.path}: {sheet.note}")
-        return sheet.templates
+        if sheet.other_sheets and self.sheet is None:
+            log.warning(f"FAQ {self.path}: {sheet.note}")
+        else:
+            log.info(f"FAQ {self.path}: {sheet.note}")
+        return sheet
 
 
 class ModelCatalog(dg.ConfigurableResource):
