@@ -678,3 +678,33 @@ def test_an_unsupported_file_type(tmp_path: Path) -> None:
     with pytest.raises(FaqError) as exc_info:
         parse_faq(path)
     assert exc_info.value.problems == ["unsupported file type '.txt' (supported: .xlsx, .xlsm, .xls, .xlsb, .ods, .csv)"]
+
+
+def test_an_xlsm_workbook(tmp_path: Path) -> None:
+    path = tmp_path / "faq.xlsm"
+    path.write_bytes(SAMPLE_FAQ.read_bytes())
+    assert parse_faq(path) == parse_faq(SAMPLE_FAQ)
+
+
+def test_an_old_xls_workbook_saved_under_an_xlsx_name_is_read_as_what_it_is(tmp_path: Path) -> None:
+    import xlwt
+
+    book = xlwt.Workbook()
+    sheet = book.add_sheet("FAQ")
+    for r, row in enumerate(ROWS):
+        for c, value in enumerate(row):
+            sheet.write(r, c, value)
+    book.save(str(tmp_path / "faq.xlsx"))
+    assert [t.template_id for t in parse_faq(tmp_path / "faq.xlsx")] == ["A-1", "A-2"]
+
+
+def test_an_error_value_reads_as_its_text_for_the_content_check(tmp_path: Path) -> None:
+    import xlsxwriter
+
+    book = xlsxwriter.Workbook(str(tmp_path / "faq.xlsx"))
+    sheet = book.add_worksheet("FAQ")
+    for r, row in enumerate(ROWS):
+        sheet.write_row(r, 0, row)
+    sheet.write_formula(2, 6, "=1/0", None, "#DIV/0!")
+    book.close()
+    assert _answers(tmp_path / "faq.xlsx") == ["Ответ 1.", "#DIV/0!"]
