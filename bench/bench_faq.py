@@ -1,7 +1,7 @@
 """FAQ reader benchmark: `parse_faq` next to a raw python-calamine read of the same workbook.
 
-Run: `.venv/bin/python bench/bench_faq.py [--rows 2000 20000 100000] [--repeats 5]` (needs the
-`bench` extra for xlsxwriter). The workbooks are generated into a temp dir with shared strings,
+Run: `.venv/bin/python bench/bench_faq.py [--rows 2000 20000 100000] [--repeats 5]` (xlsxwriter
+comes with the `test` extra). The workbooks are generated into a temp dir with shared strings,
 as Excel saves them. Prints one table; nothing is asserted.
 """
 
