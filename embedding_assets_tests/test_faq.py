@@ -708,3 +708,28 @@ def test_an_error_value_reads_as_its_text_for_the_content_check(tmp_path: Path) 
     sheet.write_formula(2, 6, "=1/0", None, "#DIV/0!")
     book.close()
     assert _answers(tmp_path / "faq.xlsx") == ["Ответ 1.", "#DIV/0!"]
+
+
+def test_a_csv_with_a_title_line_above_its_header(tmp_path: Path) -> None:
+    path = tmp_path / "faq.csv"
+    body = "\n".join(";".join(str(v) for v in row) for row in ROWS)
+    path.write_text(f"FAQ — выгрузка от 01.12\n\n{body}\n", encoding="utf-8")
+    read = read_faq(path)
+    assert (read.header_row, [t.template_id for t in read.templates]) == (3, ["A-1", "A-2"])
+    assert read.note == "read sheet 'faq' (a CSV file); headers in row 3"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("faq.xls", b"ID;question\n", "is not an .xls workbook (an .xls file is an OLE2 compound file; this one is not)"),
+        ("faq.ods", b"ID;question\n", "is not an .ods workbook (an .ods file is a zip archive; this one is not)"),
+        ("faq", b"ID;question\n", "unsupported file type '(no extension)' (supported: .xlsx, .xlsm, .xls, .xlsb, .ods, .csv)"),
+    ],
+    ids=["text-as-xls", "text-as-ods", "no-extension"],
+)
+def test_a_file_that_is_not_what_its_name_says(tmp_path: Path, name: str, content: bytes, problem: str) -> None:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(FaqError) as exc_info:
+        parse_faq(tmp_path / name)
+    assert exc_info.value.problems == [problem]

@@ -11,6 +11,7 @@ import csv
 import io
 import re
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -22,6 +23,7 @@ _OLE2_SIGNATURE = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 _ZIP_SIGNATURE = b"PK\x03\x04"
 _ENCRYPTION_STREAM = "EncryptionInfo".encode("utf-16-le")
 _CSV_DELIMITERS = ",;\t"
+_CSV_SNIFFED_LINES = 20
 
 Cell = object  # str, int, float, bool, date, datetime, time or timedelta, as python-calamine returns them
 
@@ -102,14 +104,13 @@ def _check_file(path: Path) -> str:
         kind = suffix[1:]
         raise SheetError([f"is not an .{kind} workbook (an .{kind} file is a zip archive; this one is not)"])
     if suffix == ".xls" and head != _OLE2_SIGNATURE:
-        return ".xlsx" if head.startswith(_ZIP_SIGNATURE) else _unsupported(suffix, "this .xls file is not a workbook")
+        if head.startswith(_ZIP_SIGNATURE):
+            return ".xlsx"  # a new-format workbook saved under an old name
+        raise SheetError(["is not an .xls workbook (an .xls file is an OLE2 compound file; this one is not)"])
     if suffix not in SUPPORTED_SUFFIXES:
-        _unsupported(suffix, f"unsupported file type {suffix or '(no extension)'!r}")
+        supported = ", ".join(SUPPORTED_SUFFIXES)
+        raise SheetError([f"unsupported file type {suffix or '(no extension)'!r} (supported: {supported})"])
     return suffix
-
-
-def _unsupported(suffix: str, what: str) -> str:
-    raise SheetError([f"{what} (supported: {', '.join(SUPPORTED_SUFFIXES)})"])
 
 
 # --- CSV -------------------------------------------------------------------------------------------
@@ -123,8 +124,7 @@ def _read_csv(path: Path, sheet: str | int | None) -> Sheet:
         raise SheetError(
             [f"is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save it as CSV UTF-8"]
         ) from exc
-    first_line = text.split("\n", 1)[0]
-    delimiter = max(_CSV_DELIMITERS, key=first_line.count)
+    delimiter = _csv_delimiter([line for line in text.splitlines()[:_CSV_SNIFFED_LINES] if line.strip()])
     try:
         rows = [list(row) for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)]
     except csv.Error as exc:
@@ -133,6 +133,16 @@ def _read_csv(path: Path, sheet: str | int | None) -> Sheet:
     if sheet not in (None, 0, name):
         raise SheetError([f"a CSV file has one sheet; no sheet named {sheet!r}"])
     return Sheet(name=name, rows=rows, sheets=[SheetInfo(name, True)], how_chosen="a CSV file")
+
+
+def _csv_delimiter(lines: list[str]) -> str:
+    """The delimiter most lines hold the same number of (title lines and commas inside answers aside)."""
+
+    def steady_count(delimiter: str) -> int:
+        counts = Counter(line.count(delimiter) for line in lines)
+        return max(counts.items(), key=lambda item: (item[1], item[0]))[0] if counts else 0
+
+    return max(_CSV_DELIMITERS, key=steady_count)
 
 
 # --- workbooks -------------------------------------------------------------------------------------
