@@ -725,8 +725,9 @@ def test_a_csv_with_a_title_line_above_its_header(tmp_path: Path) -> None:
         ("faq.xls", b"ID;question\n", "is not an .xls workbook (an .xls file is an OLE2 compound file; this one is not)"),
         ("faq.ods", b"ID;question\n", "is not an .ods workbook (an .ods file is a zip archive; this one is not)"),
         ("faq", b"ID;question\n", "unsupported file type '(no extension)' (supported: .xlsx, .xlsm, .xls, .xlsb, .ods, .csv)"),
+        ("faq.csv", b"\xef\xbb\xbf\n ; \n", "the CSV file holds no cells"),
     ],
-    ids=["text-as-xls", "text-as-ods", "no-extension"],
+    ids=["text-as-xls", "text-as-ods", "no-extension", "blank-csv"],
 )
 def test_a_file_that_is_not_what_its_name_says(tmp_path: Path, name: str, content: bytes, problem: str) -> None:
     (tmp_path / name).write_bytes(content)

@@ -130,6 +130,8 @@ def _read_csv(path: Path, sheet: str | int | None) -> Sheet:
     except csv.Error as exc:
         raise SheetError([f"cannot be read as CSV ({exc})"]) from exc
     name = path.stem
+    if not any(any(cell.strip() for cell in row) for row in rows):
+        raise SheetError(["the CSV file holds no cells"])
     if sheet not in (None, 0, name):
         raise SheetError([f"a CSV file has one sheet; no sheet named {sheet!r}"])
     return Sheet(name=name, rows=rows, sheets=[SheetInfo(name, True)], how_chosen="a CSV file")
