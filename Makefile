@@ -46,6 +46,7 @@ bench: $(VENV)/.installed-test  ## benchmarks: print their tables
 	$(BIN)/python bench/bench_openai.py --texts $(BENCH_TEXTS)
 	$(BIN)/python bench/bench_pgvector.py
 	$(BIN)/python bench/bench_retrieval.py
+	$(BIN)/python bench/bench_faq.py
 
 clean:
 	rm -rf $(VENV) .dagster_home data/embeddings.db data/embeddings.db-wal data/embeddings.db-shm

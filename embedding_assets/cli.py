@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,9 +44,14 @@ def main() -> None:
 @click.option("--model", "model_key", help="Model version key (default: every active version).")
 @click.option("--force", is_flag=True, help="Rebuild from scratch: re-embed every template, bypassing the cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model version.")
-def materialize(model_key: str | None, force: bool, as_json: bool) -> None:
+@click.option("--faq", "faq_path", help=f"The FAQ file (default: {settings.FAQ_PATH_VAR}, the config's [faq] path, {settings.DEFAULT_FAQ_PATH}).")
+@click.option("--faq-sheet", help="The FAQ's sheet (default: the active sheet when visible, else the first visible one).")
+def materialize(model_key: str | None, force: bool, as_json: bool, faq_path: str | None, faq_sheet: str | None) -> None:
     """Run the embedding job in DAGSTER_HOME's instance (the runs show in the UI)."""
     settings.dagster_home()
+    for variable, value in ((settings.FAQ_PATH_VAR, faq_path), (settings.FAQ_SHEET_VAR, faq_sheet)):
+        if value:
+            os.environ[variable] = value
     import dagster as dg
 
     from embedding_assets.definitions import defs

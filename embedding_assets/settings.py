@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 
 from embedding_assets.store import DEFAULT_STORE_URL
@@ -16,13 +17,75 @@ SENSOR_INTERVAL_VAR = "EMBEDDING_ASSETS_SENSOR_INTERVAL"
 VERIFY_CRON_VAR = "EMBEDDING_ASSETS_VERIFY_CRON"
 VERIFY_TIMEZONE_VAR = "EMBEDDING_ASSETS_VERIFY_TIMEZONE"
 DEFAULT_FAQ_PATH = "data/faq.xlsx"
+CONFIG_VAR = "EMBEDDING_ASSETS_CONFIG"
+DEFAULT_CONFIG_PATH = "embedding_assets.toml"
+FAQ_SHEET_VAR = "EMBEDDING_ASSETS_FAQ_SHEET"
+FAQ_HEADER_ROW_VAR = "EMBEDDING_ASSETS_FAQ_HEADER_ROW"
+FAQ_COLUMN_KEYS = ("category", "subcategory", "question", "answer", "priority", "audience", "id")
+FAQ_COLUMN_VARS = {key: f"EMBEDDING_ASSETS_FAQ_{key.upper()}_COLUMN" for key in FAQ_COLUMN_KEYS}
 DEFAULT_SENSOR_INTERVAL = 30
 DEFAULT_VERIFY_CRON = "0 3 * * *"
 DEFAULT_VERIFY_TIMEZONE = "UTC"
 
 
 def faq_path() -> str:
-    return os.environ.get(FAQ_PATH_VAR, DEFAULT_FAQ_PATH)
+    return faq_workbook_settings()["path"]
+
+
+def config_path() -> Path:
+    """The project config file (its [faq] table names the FAQ file, sheet and columns)."""
+    return Path(os.environ.get(CONFIG_VAR, DEFAULT_CONFIG_PATH))
+
+
+def faq_workbook_settings() -> dict[str, object]:
+    """FaqWorkbook's fields: each from its environment variable, else the [faq] table of the config file, else the default."""
+    table = _faq_table(config_path())
+    columns = table.get("columns", {})
+    found: dict[str, object] = {}
+    if "path" in table:
+        found["path"] = str(config_path().parent / table["path"])
+    for key in ("sheet", "header_row"):
+        if key in table:
+            found[key] = table[key]
+    for key in FAQ_COLUMN_KEYS:
+        if key in columns:
+            found[f"{key}_column"] = columns[key]
+    variables = {"path": FAQ_PATH_VAR, "sheet": FAQ_SHEET_VAR, "header_row": FAQ_HEADER_ROW_VAR}
+    variables |= {f"{key}_column": name for key, name in FAQ_COLUMN_VARS.items()}
+    for field, variable in variables.items():
+        if os.environ.get(variable):
+            found[field] = os.environ[variable]
+    if "header_row" in found:
+        found["header_row"] = _positive_int(found["header_row"], f"{FAQ_HEADER_ROW_VAR} / [faq] header_row")
+    found.setdefault("path", DEFAULT_FAQ_PATH)
+    return found
+
+
+def _faq_table(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8")).get("faq", {})
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid TOML ({exc})") from exc
+    unknown = sorted(set(table) - {"path", "sheet", "header_row", "columns"})
+    unknown += sorted(f"columns.{k}" for k in set(table.get("columns", {})) - set(FAQ_COLUMN_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown key(s) in [faq]: {', '.join(unknown)} (known: path, sheet, header_row, "
+            f"columns.{{{', '.join(FAQ_COLUMN_KEYS)}}})"
+        )
+    return table
+
+
+def _positive_int(value: object, name: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name} must be a row number (1 or more), not {value!r}")
+    return number
 
 
 def store_url() -> str:

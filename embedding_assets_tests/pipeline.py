@@ -91,6 +91,7 @@ def run_pipeline(
     checks: Sequence[dg.AssetChecksDefinition] = (),
     model_versions: Path | str = MODEL_VERSIONS,
     sheet: str | None = None,
+    workbook: FaqWorkbook | None = None,
 ) -> Outcome:
     EMBEDDING_CALLS.clear()
     result = dg.materialize(
@@ -98,7 +99,7 @@ def run_pipeline(
         partition_key=key,
         instance=instance or dg.DagsterInstance.ephemeral(),
         resources={
-            "faq": FaqWorkbook(path=str(faq), sheet=sheet),
+            "faq": workbook or FaqWorkbook(path=str(faq), sheet=sheet),
             "models": CountingModelCatalog(config_path=str(model_versions)),
             "store": StoreResource(url=str(store)),
             "store_io_manager": EmbeddingStoreIOManager(url=str(store)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import re
 import zipfile
@@ -11,6 +12,9 @@ import pytest
 from msoffcrypto.format.ooxml import OOXMLFile
 from openpyxl import Workbook, load_workbook
 
+from embedding_assets import settings
+from embedding_assets.defs.resources import FaqWorkbook
+from embedding_assets.lib.faq import header_hint
 from embedding_assets.store import open_store
 from embedding_assets_tests.conftest import HEADER, read_rows, write_rows
 from embedding_assets_tests.pipeline import failure_message, run_pipeline
@@ -57,7 +61,7 @@ def test_a_password_protected_workbook(warm) -> None:
     faq.write_bytes(encrypted.getvalue())
     _run_refused(
         faq, store,
-        _problem(faq, "is a password-protected workbook or an old .xls file; save it as an .xlsx without a password"),
+        _problem(faq, "is a password-protected workbook; save it without a password"),
     )
 
 
@@ -78,7 +82,10 @@ def test_a_missing_column(warm) -> None:
     faq, store = warm
     write_rows(faq, [row[:6] for row in _sample_rows()])
     found = ", ".join(repr(h) for h in HEADER[:6])
-    _run_refused(faq, store, _problem(faq, f"row 1: missing required column 'Шаблонный ответ' (found columns: {found})"))
+    _run_refused(
+        faq, store,
+        _problem(faq, f"row 1: missing required column 'Шаблонный ответ' (found columns: {found})", header_hint("Sheet", None, 20)),
+    )
 
 
 def test_a_renamed_header(warm) -> None:
@@ -87,7 +94,10 @@ def test_a_renamed_header(warm) -> None:
     rows[0][3] = "Вопрос клиента"
     write_rows(faq, rows)
     found = ", ".join(repr(h) for h in [*HEADER[:3], "Вопрос клиента", *HEADER[4:]])
-    _run_refused(faq, store, _problem(faq, f"row 1: missing required column 'Пример вопроса' (found columns: {found})"))
+    _run_refused(
+        faq, store,
+        _problem(faq, f"row 1: missing required column 'Пример вопроса' (found columns: {found})", header_hint("Sheet", None, 20)),
+    )
 
 
 def test_empty_cells_are_all_listed(warm) -> None:
@@ -216,3 +226,150 @@ def test_a_workbook_whose_only_sheet_is_empty(warm) -> None:
     faq, store = warm
     Workbook().save(faq)
     _run_refused(faq, store, _problem(faq, "sheet 'Sheet' is empty"))
+
+
+# --- sheets as users send them: published as the user sees them, or refused with the cause -------
+
+UNCHANGED = {"new": 0, "modified": 0, "deleted": 0, "unchanged": 90}
+ENGLISH = ["Id", "Category", "Subcategory", "Question", "Priority", "Audience", "Answer"]
+
+
+def _hidden_stale_first_sheet(faq: Path, rows: list[list], monkeypatch) -> dict:
+    stale = [list(r) for r in rows]
+    for row in stale[1:6]:
+        row[6] = "Устаревший ответ из старой копии."
+    book = Workbook()
+    book.active.title = "Копия"
+    for row in stale:
+        book.active.append(row)
+    book.active.sheet_state = "hidden"
+    current = book.create_sheet("FAQ")
+    for row in rows:
+        current.append(row)
+    book.active = 1
+    book.save(faq)
+    return {}
+
+
+def _title_rows(faq: Path, rows: list[list], monkeypatch) -> dict:
+    write_rows(faq, [["FAQ — выгрузка от 01.12"], [None], *rows])
+    return {}
+
+
+def _header_case(faq: Path, rows: list[list], monkeypatch) -> dict:
+    header = ["id", "ОСНОВНАЯ КАТЕГОРИЯ", " подкатегория", "Пример  вопроса", "приоритет", "Целевая Аудитория", "шаблонный ответ "]
+    write_rows(faq, [header, *rows[1:]])
+    return {}
+
+
+def _no_id_column(faq: Path, rows: list[list], monkeypatch) -> dict:
+    write_rows(faq, [row[1:] for row in rows])
+    return {}
+
+
+def _typed_cells(faq: Path, rows: list[list], monkeypatch) -> dict:
+    rows[4][3] = 12345
+    rows[6][6] = datetime.datetime(2024, 5, 1)
+    rows[8][6] = True
+    write_rows(faq, rows)
+    return {}
+
+
+def _zero_width_repeat(faq: Path, rows: list[list], monkeypatch) -> dict:
+    twin = ["NEW-1", *rows[1][1:3], rows[1][3].replace(" ", " \u200b", 1), *rows[1][4:6], "Другой ответ на тот же вопрос."]
+    write_rows(faq, [*rows, twin])
+    return {}
+
+
+def _excel_escape(faq: Path, rows: list[list], monkeypatch) -> dict:
+    rows[3][6] = rows[3][6].replace(" ", "_x000D_\n", 1)
+    rows[5][3] = rows[5][3].replace(" ", "_x0009_", 1)
+    write_rows(faq, rows)
+    return {}
+
+
+def _english_headers_named_in_the_config(faq: Path, rows: list[list], monkeypatch) -> dict:
+    write_rows(faq, [ENGLISH, *rows[1:]])
+    config = faq.parent / "embedding_assets.toml"
+    config.write_text(
+        f'[faq]\npath = "{faq.name}"\n\n[faq.columns]\ncategory = "Category"\nsubcategory = "Subcategory"\n'
+        'question = "Question"\nanswer = "Answer"\npriority = "Priority"\naudience = "Audience"\n',
+        encoding="utf-8",
+    )
+    monkeypatch.setenv(settings.CONFIG_VAR, str(config))
+    monkeypatch.delenv(settings.FAQ_PATH_VAR, raising=False)
+    return {"workbook": FaqWorkbook(**settings.faq_workbook_settings())}
+
+
+def _english_headers_not_named(faq: Path, rows: list[list], monkeypatch) -> dict:
+    write_rows(faq, [ENGLISH, *rows[1:]])
+    return {}
+
+
+def _missing_columns(faq: Path) -> str:
+    found = ", ".join(map(repr, ENGLISH))
+    return _problem(
+        faq,
+        *(f"row 1: missing required column {c!r} (found columns: {found})" for c in HEADER[1:4] + HEADER[6:]),
+        "headers are looked for in rows 1–20 of sheet 'Sheet', in any case and spacing; to name the sheet, "
+        "header row or columns use the [faq] table of embedding_assets.toml, EMBEDDING_ASSETS_FAQ_* variables "
+        "or the faq resource's config",
+    )
+
+
+def _typed_problems(faq: Path) -> str:
+    text = "make the cell text (Format Cells → Text and retype it, or start it with an apostrophe)"
+    return _problem(
+        faq,
+        f"row 5, column 'Пример вопроса': holds the number 12345, not text; the sheet may show it otherwise "
+        f"(its number format is not read), so {text}",
+        f"row 7, column 'Шаблонный ответ': holds a date or time (2024-05-01), not text; the sheet shows it "
+        f"through its number format, which is not read, so {text}",
+        f"row 9, column 'Шаблонный ответ': holds the logical value TRUE, not text; {text}",
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        (_hidden_stale_first_sheet, UNCHANGED),
+        (_title_rows, UNCHANGED),
+        (_header_case, UNCHANGED),
+        (_no_id_column, "blocked: the sheet has no id column 'ID', so every id was derived from category, "
+         "subcategory and question, but the store published for e5-small-v1 holds 90 explicit id(s) (such as "
+         "'APP-001'); restore the 'ID' column, or name the id column (id_column / EMBEDDING_ASSETS_FAQ_ID_COLUMN)"),
+        (_typed_cells, _typed_problems),
+        (_zero_width_repeat, "blocked: row 92: question {question!r} repeats row 2 in the same subcategory with a different answer"),
+        (_excel_escape, UNCHANGED),
+        (_english_headers_named_in_the_config, UNCHANGED),
+        (_english_headers_not_named, _missing_columns),
+    ],
+    ids=[
+        "1-hidden-stale-first-sheet", "2-title-rows", "3-header-case", "3-no-id-column", "4-numbers-dates-booleans",
+        "5-zero-width-repeat", "5-excel-escapes", "6-english-headers-in-config", "6-english-headers-not-named",
+    ],
+)
+def test_a_sheet_as_users_send_it(warm, monkeypatch, build, expected) -> None:
+    from embedding_assets.defs.checks import faq_content
+
+    faq, store = warm
+    rows = _sample_rows()
+    options = build(faq, rows, monkeypatch)
+    before = store.read_bytes()
+
+    outcome = run_pipeline(faq, store, checks=[faq_content], **options)
+
+    assert outcome.calls == []
+    if isinstance(expected, dict):
+        assert outcome.result.success, failure_message(outcome.result)
+        assert {k: outcome.plan[k] for k in expected} == expected
+        if build is not _title_rows:  # moved rows update the stored row numbers, nothing else
+            assert store.read_bytes() == before
+        return
+    assert not outcome.result.success
+    assert store.read_bytes() == before
+    if callable(expected):
+        assert failure_message(outcome.result) == expected(faq)
+        return
+    problems = outcome.checks["faq_content"].metadata["problem_list"].value.split("\n")
+    assert problems[0] == "- " + expected.removeprefix("blocked: ").format(question=rows[1][3])

@@ -3,7 +3,7 @@ import dagster as dg
 from embedding_assets.defs.assets import embedding_store, faq_templates
 from embedding_assets.defs.partitions import model_version_partitions
 from embedding_assets.defs.resources import FaqWorkbook, ModelCatalog, StoreResource, ValidationQueries
-from embedding_assets.lib.faq import FaqError, Template
+from embedding_assets.lib.faq import FaqError, Template, missing_id_column_problems
 from embedding_assets.lib.integrity import (
     LISTED,
     faq_content_problems,
@@ -32,7 +32,10 @@ def faq_content(faq_templates: list[Template], faq: FaqWorkbook, store: StoreRes
             published_ids = {v.key: set(opened.published(v.key)[1]) for v in opened.versions()}
         finally:
             opened.close()
-    problems = faq_content_problems(faq_templates, published_ids, faq.max_removed_share)
+    problems = [
+        *missing_id_column_problems(faq_templates, published_ids, faq.id_column),
+        *faq_content_problems(faq_templates, published_ids, faq.max_removed_share),
+    ]
     return dg.AssetCheckResult(
         passed=not problems,
         description=f"{len(problems)} problem(s) in the FAQ content" if problems else None,

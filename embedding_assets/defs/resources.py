@@ -7,7 +7,7 @@ from pydantic import Field
 
 from embedding_assets import settings
 from embedding_assets.lib.embedders import Embedder, embedder_for
-from embedding_assets.lib.faq import FaqColumns, Template, parse_faq
+from embedding_assets.lib.faq import FaqColumns, FaqSheet, Template, read_faq
 from embedding_assets.lib.model_versions import ModelVersion, load_model_versions
 from embedding_assets.lib.openai_embedder import DEFAULT_API_KEY_ENV, OpenAISettings
 from embedding_assets.store import (
@@ -25,10 +25,15 @@ _DEFAULT_COLUMNS = FaqColumns()
 
 
 class FaqWorkbook(dg.ConfigurableResource):
-    """The Excel workbook of FAQ templates."""
+    """The FAQ sheet: a workbook (.xlsx, .xlsm, .xls, .xlsb, .ods) or a UTF-8 .csv file."""
 
-    path: str = Field(description="Path of the .xlsx file (relative paths start at the working directory).")
-    sheet: str | None = Field(default=None, description="Sheet name; default: the first sheet.")
+    path: str = Field(description="Path of the FAQ file (relative paths start at the working directory).")
+    sheet: str | None = Field(
+        default=None, description="Sheet name; default: the active sheet when visible, else the first visible one."
+    )
+    header_row: int | None = Field(
+        default=None, description="Row number of the headers; default: the first of rows 1-20 holding every required header."
+    )
     category_column: str = Field(default=_DEFAULT_COLUMNS.category, description="Header of the category column.")
     subcategory_column: str = Field(
         default=_DEFAULT_COLUMNS.subcategory, description="Header of the subcategory column."
@@ -47,6 +52,10 @@ class FaqWorkbook(dg.ConfigurableResource):
     )
 
     def read(self) -> list[Template]:
+        return self.read_sheet().templates
+
+    def read_sheet(self) -> FaqSheet:
+        """The templates with the sheet and header row they came from; logs which sheet was read."""
         columns = FaqColumns(
             category=self.category_column,
             subcategory=self.subcategory_column,
@@ -56,7 +65,13 @@ class FaqWorkbook(dg.ConfigurableResource):
             answer=self.answer_column,
             template_id=self.id_column,
         )
-        return parse_faq(self.path, columns, self.sheet if self.sheet is not None else 0)
+        sheet = read_faq(self.path, columns, self.sheet, self.header_row)
+        log = dg.get_dagster_logger()
+        if sheet.other_sheets and self.sheet is None:
+            log.warning(f"FAQ {self.path}: {sheet.note}")
+        else:
+            log.info(f"FAQ {self.path}: {sheet.note}")
+        return sheet
 
 
 class ModelCatalog(dg.ConfigurableResource):
@@ -186,7 +201,7 @@ def store_url_config() -> str | dg.EnvVar:
 def resources() -> dg.Definitions:
     return dg.Definitions(
         resources={
-            "faq": FaqWorkbook(path=settings.faq_path()),
+            "faq": FaqWorkbook(**settings.faq_workbook_settings()),
             "models": ModelCatalog(
                 config_path=settings.model_versions_path(),
                 openai_api_key=dg.EnvVar(DEFAULT_API_KEY_ENV) if DEFAULT_API_KEY_ENV in os.environ else None,

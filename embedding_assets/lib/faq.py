@@ -1,30 +1,41 @@
-"""Read the FAQ workbook into normalised templates with stable ids."""
+"""Read the FAQ sheet into normalised templates with stable ids."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import pandas as pd
+from embedding_assets.lib.sheets import Sheet, SheetError, column_letter, read_sheet
 
-_WHITESPACE = re.compile(r"\s+")
 _MAX_LISTED_PROBLEMS = 20
-HEADER_ROW = 1
+HEADER_SEARCH_ROWS = 20
+# Format characters (Unicode category Cf: zero-width space and joiners, BOM, soft hyphen, bidi
+# marks, ...) and control characters that are not whitespace: invisible in the sheet, so dropped.
+_INVISIBLE = re.compile(
+    "[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2"
+    "\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd"
+    "\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
+)
 
 
 def normalize_text(value: object) -> str:
-    """Unicode NFC, trimmed, every run of whitespace collapsed to one space."""
+    """Unicode NFC, invisible characters dropped, trimmed, every run of whitespace collapsed to one space."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     text = unicodedata.normalize("NFC", str(value))
-    return _WHITESPACE.sub(" ", text).strip()
+    if text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " ":
+        return text  # the common case, quickly
+    collapsed = " ".join(text.split())
+    if collapsed.isprintable():  # no format or control character left: nothing invisible to drop
+        return collapsed
+    return " ".join(_INVISIBLE.sub("", collapsed).split())
 
 
 @dataclass(frozen=True)
@@ -88,159 +99,301 @@ def derived_template_id(category: str, subcategory: str, question: str) -> str:
     return "t-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
 
 
-_OLE2_SIGNATURE = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
-_ZIP_SIGNATURE = b"PK\x03\x04"
+def is_derived_id(template_id: str) -> bool:
+    """Whether the id was derived by the reader (the sheet had no id column)."""
+    return _DERIVED_ID.fullmatch(template_id) is not None
 
 
-def _check_file(path: Path) -> None:
-    """Refuse what is not an .xlsx before the reader does, with a message a user can act on."""
-    if not path.exists():
-        raise FaqError(path, ["file not found"])
-    if not path.is_file():
-        raise FaqError(path, ["not a file"])
-    with path.open("rb") as handle:
-        head = handle.read(8)
-    if not head:
-        raise FaqError(path, ["the file is empty (0 bytes)"])
-    if head == _OLE2_SIGNATURE:
-        raise FaqError(
-            path,
-            ["is a password-protected workbook or an old .xls file; save it as an .xlsx without a password"],
-        )
-    if not head.startswith(_ZIP_SIGNATURE):
-        raise FaqError(path, ["is not an .xlsx workbook (an .xlsx file is a zip archive; this one is not)"])
+_DERIVED_ID = re.compile(r"t-[0-9a-f]{12}(?:-[0-9]+)?")
+_MAKE_IT_TEXT = "make the cell text (Format Cells → Text and retype it, or start it with an apostrophe)"
+_TEXT_FIELDS = frozenset(REQUIRED_FIELDS)
 
 
-def _open_workbook(path: Path, *, data_only: bool):
-    import openpyxl
+@dataclass(frozen=True)
+class FaqSheet:
+    """What `read_faq` read: the templates, the sheet and header row they came from."""
 
+    templates: list[Template]
+    sheet: str
+    header_row: int
+    note: str
+    other_sheets: list[str]
+
+
+def header_key(name: object) -> str:
+    """What two headers must share to be the same column: case, spacing and invisible characters aside."""
+    return normalize_text(name).casefold()
+
+
+def read_faq(
+    path: str | Path,
+    columns: FaqColumns = FaqColumns(),
+    sheet: str | int | None = None,
+    header_row: int | None = None,
+) -> FaqSheet:
+    """Read the FAQ sheet; raise FaqError listing every problem (file, row, column)."""
+    collecting = gc.isenabled()
+    gc.disable()  # a sheet is hundreds of thousands of new objects and no cycles: collecting meanwhile only costs
     try:
-        return openpyxl.load_workbook(path, data_only=data_only)
-    except Exception as exc:  # openpyxl and zipfile raise many unrelated types for a bad file
-        raise FaqError(path, [f"cannot be read as an .xlsx workbook ({type(exc).__name__}: {exc})"]) from exc
+        return _read_faq(Path(path), columns, sheet, header_row)
+    finally:
+        if collecting:
+            gc.enable()
 
 
-def _select_sheet(path: Path, book, sheet: str | int):
-    names = book.sheetnames
-    if isinstance(sheet, str):
-        if sheet not in names:
-            raise FaqError(path, [f"no sheet named {sheet!r} (sheets: {', '.join(map(repr, names))})"])
-        return book[sheet]
-    chosen = book.worksheets[sheet]
-    if chosen.max_row <= 1 and chosen.max_column <= 1 and chosen.cell(1, 1).value is None:
-        others = [ws.title for ws in book.worksheets if ws is not chosen and ws.max_row > 1]
-        hint = f"; the data may be on sheet {', '.join(map(repr, others))}: set the sheet name" if others else ""
-        raise FaqError(path, [f"sheet {chosen.title!r} is empty{hint}"])
-    return chosen
-
-
-def _fill_merged_cells(sheet) -> None:
-    """Give every cell of a merged range the range's value (a category merged over its rows)."""
-    for merged in list(sheet.merged_cells.ranges):
-        value = sheet.cell(merged.min_row, merged.min_col).value
-        sheet.unmerge_cells(str(merged))
-        for row in sheet.iter_rows(
-            min_row=merged.min_row, max_row=merged.max_row, min_col=merged.min_col, max_col=merged.max_col
-        ):
-            for cell in row:
-                cell.value = value
-
-
-def _read_sheet(path: Path, sheet: str | int) -> pd.DataFrame:
-    """The sheet as a frame of raw cell values; formulas read as the value the workbook saved."""
-    import pandas as pd  # imported here: the CLI's other commands start faster without it
-
-    _check_file(path)
-    book = _open_workbook(path, data_only=False)
-    chosen = _select_sheet(path, book, sheet)
-    formulas = {(c.row, c.column): c.value for row in chosen.iter_rows() for c in row if c.data_type == "f"}
-    if formulas:
-        book = _open_workbook(path, data_only=True)
-        chosen = book[chosen.title]
-        unsaved = [(r, c, f) for (r, c), f in formulas.items() if chosen.cell(r, c).value is None]
-        if unsaved:
-            raise FaqError(
-                path,
-                [
-                    f"row {r}, column {chosen.cell(HEADER_ROW, c).value!r}: formula {f} has no saved value; "
-                    "open and save the workbook in Excel or LibreOffice, or paste the values"
-                    for r, c, f in unsaved
-                ],
-            )
-    _fill_merged_cells(chosen)
-    rows = list(chosen.iter_rows(values_only=True))
-    header = rows[0] if rows else ()
-    columns = [str(name) if name is not None else f"Unnamed: {i}" for i, name in enumerate(header)]
-    return pd.DataFrame([list(r) for r in rows[1:]], columns=columns, dtype=object)
-
-
-def _column_positions(path: Path, frame: pd.DataFrame, columns: FaqColumns) -> dict[str, object]:
-    by_name = {normalize_text(name): name for name in frame.columns if not str(name).startswith("Unnamed:")}
-    positions: dict[str, object] = {}
-    missing = []
-    for field in REQUIRED_FIELDS + OPTIONAL_FIELDS + ("template_id",):
-        header = getattr(columns, field)
-        if header in by_name:
-            positions[field] = by_name[header]
-        elif field in REQUIRED_FIELDS:
-            missing.append(header)
-    if missing:
-        found = ", ".join(repr(n) for n in by_name) or "none"
-        raise FaqError(
-            path,
-            [f"row {HEADER_ROW}: missing required column {name!r} (found columns: {found})" for name in missing],
-        )
-    return positions
-
-
-def parse_faq(path: str | Path, columns: FaqColumns = FaqColumns(), sheet: str | int = 0) -> list[Template]:
-    """Parse the workbook; raise FaqError listing every problem (file, row, column)."""
-    path = Path(path)
-    frame = _read_sheet(path, sheet)
-    positions = _column_positions(path, frame, columns)
+def _read_faq(path: Path, columns: FaqColumns, sheet: str | int | None, header_row: int | None) -> FaqSheet:
+    try:
+        grid = read_sheet(path, sheet)
+    except SheetError as exc:
+        raise FaqError(path, exc.problems) from exc
+    header_index, positions = _find_header(path, grid, columns, header_row)
+    headers = {field: _cell_text(grid.rows[header_index], col) for field, col in positions.items()}
     has_ids = "template_id" in positions
-
-    problems: list[str] = []
+    first = header_index + 1
+    data = grid.rows[first:]
+    width = max(positions.values()) + 1
+    if any(len(cells) < width for cells in data):
+        data = [cells if len(cells) >= width else [*cells, *[""] * (width - len(cells))] for cells in data]
+    by_column = list(zip(*data)) if data else [()] * width
+    found: list[tuple[int, str]] = []  # (row, problem), sorted by row at the end
+    columns_text = {
+        field: _column_text(list(by_column[col]), field, first + 1, headers[field], found)
+        for field, col in positions.items()
+    }
+    blank = [""] * len(data)
+    category, subcategory, question, answer = (columns_text[f] for f in REQUIRED_FIELDS)
+    priority, audience = (columns_text.get(f, blank) for f in OPTIONAL_FIELDS)
+    ids = columns_text.get("template_id", blank)
     templates: list[Template] = []
+    append = templates.append
     id_rows: dict[str, int] = {}
-    for offset, record in enumerate(frame.to_dict("records")):
-        row = offset + HEADER_ROW + 1
-        values = {field: normalize_text(record[col]) for field, col in positions.items()}
-        if not any(values.values()):
-            continue
-        for field in REQUIRED_FIELDS:
-            if not values[field]:
-                problems.append(f"row {row}, column {getattr(columns, field)!r}: empty {field}")
-        if has_ids:
-            template_id = values["template_id"]
-            if not template_id:
-                problems.append(f"row {row}, column {columns.template_id!r}: empty id")
-            elif template_id in id_rows:
-                problems.append(
-                    f"row {row}, column {columns.template_id!r}: duplicate id {template_id!r} "
-                    f"(first used in row {id_rows[template_id]})"
-                )
-            else:
-                id_rows[template_id] = row
+    row = first
+    for values in zip(category, subcategory, question, answer, priority, audience, ids):
+        row += 1
+        if "" in values:
+            if not any(values):
+                continue
+            values = _fill_hidden_cells(grid, row, values, positions, headers, found)
+            for field, value in zip(REQUIRED_FIELDS, values):
+                if not value and value is not _REPORTED:
+                    found.append((row, f"row {row}, column {headers[field]!r}: empty {field}"))
+        c, s, q, a, p, au, template_id = values
+        if not has_ids:
+            template_id = derived_template_id(c, s, q)
+        elif template_id in id_rows:
+            found.append((
+                row,
+                f"row {row}, column {headers['template_id']!r}: duplicate id {template_id!r} "
+                f"(first used in row {id_rows[template_id]})",
+            ))
+        elif not template_id:
+            if template_id is not _REPORTED:
+                found.append((row, f"row {row}, column {headers['template_id']!r}: empty id"))
         else:
-            template_id = derived_template_id(values["category"], values["subcategory"], values["question"])
-        templates.append(
-            Template(
-                template_id=template_id,
-                category=values["category"],
-                subcategory=values["subcategory"],
-                question=values["question"],
-                answer=values["answer"],
-                priority=values.get("priority", ""),
-                audience=values.get("audience", ""),
-                source_row=row,
-            )
-        )
+            id_rows[template_id] = row
+        append(Template(template_id, c, s, q, a, p, au, row))
+    found.sort(key=lambda item: item[0])
+    problems = [problem for _, problem in found]
     if problems:
         raise FaqError(path, problems)
     if not templates:
         raise FaqError(path, ["the sheet has a header but no templates"])
-    return templates if has_ids else _disambiguate(templates)
+    return FaqSheet(
+        templates=templates if has_ids else _disambiguate(templates),
+        sheet=grid.name,
+        header_row=header_index + 1,
+        note=f"{grid.note()}; headers in row {header_index + 1}",
+        other_sheets=[s.name for s in grid.sheets if s.name != grid.name],
+    )
+
+
+def parse_faq(
+    path: str | Path,
+    columns: FaqColumns = FaqColumns(),
+    sheet: str | int | None = None,
+    header_row: int | None = None,
+) -> list[Template]:
+    """Parse the FAQ sheet into templates; raise FaqError listing every problem (file, row, column)."""
+    return read_faq(path, columns, sheet, header_row).templates
+
+
+class _Reported(str):
+    """An unusable cell whose problem is already listed: empty, but not to be reported as empty again."""
+
+
+_REPORTED = _Reported()
+
+
+def _cell_text(cells: list, col: int) -> str:
+    value = cells[col] if col < len(cells) else ""
+    return normalize_text(_number_text(value) if isinstance(value, float) else value)
+
+
+def _number_text(value: float) -> str | float:
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else value
+
+
+def _typed_cell_text(value: object, field: str, row: int, header: str, problems: list[str]) -> str:
+    """A number, date or logical cell: an integer id, priority or audience reads as its digits; anything else is refused."""
+    where = f"row {row}, column {header!r}"
+    if isinstance(value, bool):
+        problems.append(f"{where}: holds the logical value {str(value).upper()}, not text; {_MAKE_IT_TEXT}")
+    elif isinstance(value, (int, float)):
+        if field not in _TEXT_FIELDS and float(value).is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        shown = _number_text(float(value))
+        problems.append(
+            f"{where}: holds the number {shown}, not text; the sheet may show it otherwise (its number format "
+            f"is not read), so {_MAKE_IT_TEXT}"
+        )
+    else:
+        shown = value.isoformat() if hasattr(value, "isoformat") else str(value)
+        problems.append(
+            f"{where}: holds a date or time ({shown}), not text; the sheet shows it through its number format, "
+            f"which is not read, so {_MAKE_IT_TEXT}"
+        )
+    return _REPORTED
+
+
+def _column_text(values: list, field: str, first_row: int, header: str, found: list[tuple[int, str]]) -> list[str]:
+    """One column's cells as normalised text; a cell that is not text is reported and read as empty."""
+    typed = []
+    if set(map(type, values)) != {str}:
+        typed = [i for i, value in enumerate(values) if type(value) is not str]
+        for i in typed:
+            problems: list[str] = []
+            values[i] = _typed_cell_text(values[i], field, first_row + i, header, problems)
+            found.extend((first_row + i, problem) for problem in problems)
+    if field in _REPEATING_FIELDS:  # a few distinct values: normalise each once
+        distinct = {value: normalize_text(value) for value in set(values)}
+        if any(key != text for key, text in distinct.items()):
+            values = [distinct[value] for value in values]
+            for i in typed:
+                values[i] = _REPORTED
+        return values
+    # Mostly distinct, mostly clean: check the whole column at once, then cell by cell.
+    joined = "\n".join(values)
+    if not unicodedata.is_normalized("NFC", joined):
+        return [value if value is _REPORTED else normalize_text(value) for value in values]
+    if (
+        all(map(str.isprintable, values))
+        and "  " not in joined
+        and " \n" not in joined
+        and "\n " not in joined
+        and joined[:1] != " "
+        and joined[-1:] != " "
+    ):
+        return values
+    return [
+        v if v.isprintable() and "  " not in v and v[:1] != " " and v[-1:] != " " else normalize_text(v) for v in values
+    ]
+
+
+_REPEATING_FIELDS = frozenset({"category", "subcategory", "priority", "audience"})
+
+
+def _fill_hidden_cells(
+    grid: Sheet, row: int, values: tuple, positions: dict[str, int], headers: dict[str, str], found: list
+) -> tuple:
+    """Empty-looking .xlsx cells: a formula whose value was never saved is refused, an error value is read."""
+    if grid.package_path is None:
+        return values
+    unsaved, errors = grid.hidden_cells()
+    filled = list(values)
+    for i, field in enumerate((*REQUIRED_FIELDS, *OPTIONAL_FIELDS, "template_id")):
+        if values[i] != "" or values[i] is _REPORTED or field not in positions:
+            continue
+        position = (row, positions[field] + 1)
+        if position in unsaved:
+            found.append((
+                row,
+                f"row {row}, column {headers[field]!r}: formula {unsaved[position]} has no saved value; "
+                "open and save the workbook in Excel or LibreOffice, or paste the values",
+            ))
+            filled[i] = _REPORTED
+        elif position in errors:
+            filled[i] = errors[position]
+    return tuple(filled)
+
+
+def _find_header(
+    path: Path, grid: Sheet, columns: FaqColumns, header_row: int | None
+) -> tuple[int, dict[str, int]]:
+    """The header row (0-based) and each field's column; the first row holding every required header wins."""
+    wanted = {field: header_key(getattr(columns, field)) for field in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS, "template_id")}
+    if header_row is not None:
+        if not 1 <= header_row <= len(grid.rows):
+            raise FaqError(path, [f"header_row {header_row} is outside sheet {grid.name!r} ({len(grid.rows)} rows)"])
+        candidates = [header_row - 1]
+    else:
+        candidates = range(min(HEADER_SEARCH_ROWS, len(grid.rows)))
+    best: tuple[int, int, dict[str, int]] | None = None
+    for index in candidates:
+        positions = _positions(grid.rows[index], wanted)
+        required = sum(field in positions for field in REQUIRED_FIELDS)
+        if required == len(REQUIRED_FIELDS):
+            _check_unique(path, grid.rows[index], index, positions)
+            return index, positions
+        nonblank = any(_cell_text(grid.rows[index], c) for c in range(len(grid.rows[index])))
+        if nonblank and (best is None or len(positions) > best[1]):
+            best = (index, len(positions), positions)
+    index, _, positions = best if best is not None else (candidates[0], 0, {})
+    found = ", ".join(repr(t) for t in (_cell_text(grid.rows[index], c) for c in range(len(grid.rows[index]))) if t)
+    problems = [
+        f"row {index + 1}: missing required column {getattr(columns, field)!r} (found columns: {found or 'none'})"
+        for field in REQUIRED_FIELDS
+        if field not in positions
+    ]
+    problems.append(header_hint(grid.name, header_row, len(candidates)))
+    raise FaqError(path, problems)
+
+
+def header_hint(sheet: str, header_row: int | None, searched_rows: int) -> str:
+    """Where the headers were looked for, and how to point at other ones."""
+    where = f"row {header_row} (the configured header row)" if header_row else f"rows 1–{searched_rows}"
+    return (
+        f"headers are looked for in {where} of sheet {sheet!r}, in any case and spacing; to name the sheet, "
+        "header row or columns use the [faq] table of embedding_assets.toml, EMBEDDING_ASSETS_FAQ_* variables "
+        "or the faq resource's config"
+    )
+
+
+def _positions(cells: list, wanted: dict[str, str]) -> dict[str, int]:
+    keys: dict[str, int] = {}
+    for col in range(len(cells)):
+        keys.setdefault(header_key(_cell_text(cells, col)), col)
+    return {field: keys[key] for field, key in wanted.items() if key in keys}
+
+
+def _check_unique(path: Path, cells: list, index: int, positions: dict[str, int]) -> None:
+    problems = []
+    for field, col in positions.items():
+        key = header_key(_cell_text(cells, col))
+        twins = [c for c in range(len(cells)) if c != col and header_key(_cell_text(cells, c)) == key]
+        if twins:
+            letters = ", ".join(column_letter(c + 1) for c in [col, *twins])
+            problems.append(f"row {index + 1}: columns {letters} all have the header {_cell_text(cells, col)!r}; rename all but one")
+    if problems:
+        raise FaqError(path, problems)
+
+
+def missing_id_column_problems(
+    templates: Sequence[Template], published_ids: Mapping[str, set[str]], id_header: str = FaqColumns.template_id
+) -> list[str]:
+    """When the sheet has no id column but a published version has explicit ids, say so (ids were derived)."""
+    if not templates or not all(is_derived_id(t.template_id) for t in templates):
+        return []
+    problems = []
+    for key, ids in sorted(published_ids.items()):
+        explicit = sorted(i for i in ids if not is_derived_id(i))
+        if explicit:
+            problems.append(
+                f"the sheet has no id column {id_header!r}, so every id was derived from category, subcategory "
+                f"and question, but the store published for {key} holds {len(explicit)} explicit id(s) "
+                f"(such as {explicit[0]!r}); restore the {id_header!r} column, or name the id column "
+                "(id_column / EMBEDDING_ASSETS_FAQ_ID_COLUMN)"
+            )
+    return problems
 
 
 def _disambiguate(templates: list[Template]) -> list[Template]:
