@@ -244,13 +244,15 @@ def search(
               help="Seconds between checks for a new publish.")
 @click.option("--lexical-weight", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="Weight of the BM25 score added to the cosine similarity (0: dense only).")
+@click.option("--search-timeout", default=15.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a search may take before it is answered 504.")
 def serve(host: str, port: int, store_url: str | None, model_key: str | None, reload_interval: float,
-          lexical_weight: float) -> None:
+          lexical_weight: float, search_timeout: float) -> None:
     """HTTP search service: /search, /healthz, /readyz, /docs; reloads on every new publish."""
     from embedding_assets.retrieval.service import serve as run_service
 
     run_service(store_url or settings.store_url(), host=host, port=port, model_version=model_key,
-                reload_interval=reload_interval, lexical_weight=lexical_weight)
+                reload_interval=reload_interval, lexical_weight=lexical_weight, search_timeout=search_timeout)
 
 
 @main.command()

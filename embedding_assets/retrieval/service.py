@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator
 
 from embedding_assets.lib.embedders import EmbeddingError
+from embedding_assets.lib.openai_embedder import RETRYABLE_STATUSES
 from embedding_assets.lib.redaction import redact
 from embedding_assets.retrieval import TemplateRetriever
 from embedding_assets.settings import MAX_QUERY_CHARS
@@ -29,7 +30,8 @@ log = logging.getLogger("embedding_assets.service")
 
 MAX_TOP_K = 50
 MAX_BODY_BYTES = 64 * 1024  # a JSON body with the longest query, escaped, fits many times over
-SEARCH_TIMEOUT_S = 15.0  # a search still running then is answered 504 (it finishes in its worker)
+DRAINED_BODY_BYTES = 16 * 1024 * 1024  # a larger body is read (not parsed) so its client sees the 413
+SEARCH_TIMEOUT_S = 15.0  # default; a search still running then is answered 504 (it finishes in its worker)
 SEARCH_WORKERS = 4
 MAX_PENDING_SEARCHES = 16  # searches waiting or running; more are answered 503 at once
 DETAIL_CHARS = 300
@@ -202,17 +204,18 @@ def _error(status: int, error: str, detail: str) -> JSONResponse:
 
 
 def _embedding_failure(exc: EmbeddingError) -> JSONResponse:
-    """502 when the provider answered with an error, 503 when it could not be reached or timed out."""
+    """502 when the provider refused the query; 503 when it could not be reached, timed out or was overloaded."""
     status = getattr(exc, "status", None)
-    if status is None:
+    if status is None or status in RETRYABLE_STATUSES:
+        said = "did not answer" if status is None else f"answered HTTP {status}"
         return _error(503, "embedding provider unavailable",
-                      "the query could not be embedded: the embedding provider did not answer; try again later")
+                      f"the query could not be embedded: the embedding provider {said}; try again later")
     return _error(502, "embedding provider error",
                   f"the query could not be embedded: the embedding provider answered HTTP {status}")
 
 
-def create_app(holder: RetrieverHolder) -> FastAPI:
-    """The FastAPI application serving one holder's retriever."""
+def create_app(holder: RetrieverHolder, search_timeout: float = SEARCH_TIMEOUT_S) -> FastAPI:
+    """The FastAPI application serving one holder's retriever; a search taking over search_timeout s is a 504."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -235,6 +238,9 @@ def create_app(holder: RetrieverHolder) -> FastAPI:
     async def bounded_body(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            if length.isdigit() and int(length) <= DRAINED_BODY_BYTES:
+                async for _ in request.stream():
+                    pass
             return _error(413, "request too large", f"the request body may hold at most {MAX_BODY_BYTES} bytes")
         return await call_next(request)
 
@@ -276,7 +282,7 @@ def create_app(holder: RetrieverHolder) -> FastAPI:
         )
 
     async def bounded_search(request: SearchRequest) -> SearchResponse | JSONResponse:
-        """The search in a worker thread: at most MAX_PENDING_SEARCHES at once, SEARCH_TIMEOUT_S each."""
+        """The search in a worker thread: at most MAX_PENDING_SEARCHES at once, search_timeout s each."""
         if not pending.acquire(blocking=False):
             return _error(503, "busy", "too many searches in progress; try again shortly")
         try:
@@ -286,10 +292,10 @@ def create_app(holder: RetrieverHolder) -> FastAPI:
             raise
         future.add_done_callback(lambda _: pending.release())
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), SEARCH_TIMEOUT_S)
+            return await asyncio.wait_for(asyncio.wrap_future(future), search_timeout)
         except TimeoutError:
-            log.warning("search timed out after %.0f s", SEARCH_TIMEOUT_S)
-            return _error(504, "search timed out", f"the search did not finish within {SEARCH_TIMEOUT_S:g} s")
+            log.warning("search timed out after %g s", search_timeout)
+            return _error(504, "search timed out", f"the search did not finish within {search_timeout:g} s")
 
     responses = {
         400: {"description": "Unknown category or subcategory"},
@@ -297,7 +303,7 @@ def create_app(holder: RetrieverHolder) -> FastAPI:
         422: {"description": f"Empty query, a query over {MAX_QUERY_CHARS} characters, or top_k out of range"},
         502: {"description": "The embedding provider answered the query with an error"},
         503: {"description": "No store loaded yet, the embedding provider unreachable, or too many searches"},
-        504: {"description": f"The search did not finish within {SEARCH_TIMEOUT_S:g} s"},
+        504: {"description": f"The search did not finish in time ({search_timeout:g} s)"},
     }
 
     @app.get("/search", response_model=SearchResponse, responses=responses, summary="Search (query string)")
@@ -328,6 +334,7 @@ def serve(
     model_version: str | None = None,
     reload_interval: float = 2.0,
     lexical_weight: float = 0.0,
+    search_timeout: float = SEARCH_TIMEOUT_S,
 ) -> None:
     """Run the service with uvicorn until interrupted."""
     import uvicorn
@@ -339,7 +346,7 @@ def serve(
     for client_log in ("httpx", "httpx2"):  # their request lines carry the provider URL
         logging.getLogger(client_log).setLevel(logging.WARNING)
     holder = RetrieverHolder(store, model_version, reload_interval, lexical_weight)
-    config = uvicorn.Config(create_app(holder), host=host, port=port, log_level="info")
+    config = uvicorn.Config(create_app(holder, search_timeout), host=host, port=port, log_level="info")
     hide = RedactingFilter(holder.secrets)
     for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
         for handler in logging.getLogger(name).handlers:

@@ -35,6 +35,11 @@ ACCEPTED_FORMS = (
 )
 
 _KEYWORD_START = re.compile(r"\s*[A-Za-z_]+\s*=")
+# Parameters whose values are shown; any other value (a misspelt "pasword" too) shows as "…".
+SHOWN_PARAMETERS = frozenset({
+    "host", "hostaddr", "port", "dbname", "user", "sslmode", "connect_timeout", "application_name",
+    "target_session_attrs", "gssencmode", "channel_binding", SCHEMA_PARAMETER,
+})
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,12 @@ def _quote_keyword(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _hidden_value(name: str, value: str) -> str:
+    if name in SHOWN_PARAMETERS or not value:
+        return value
+    return HIDDEN if name == "password" else "…"
+
+
 def _redact_postgres_url(text: str) -> str:
     prefix, userinfo, location, query = _split_url(text)
     if userinfo:
@@ -211,7 +222,8 @@ def _redact_postgres_url(text: str) -> str:
         items = []
         for item in query.split("&"):
             name, sep, value = item.partition("=")
-            items.append(f"{name}={HIDDEN}" if unquote(name) == "password" and value else item)
+            shown = _hidden_value(unquote(name), value)
+            items.append(item if shown == value else f"{name}={shown}")
         query = "&".join(items)
     return prefix + (f"{userinfo}@" if userinfo else "") + location + ("" if query is None else f"?{query}")
 
@@ -225,7 +237,8 @@ def _shown(text: str) -> str:
         if pairs is None:
             return "(an unreadable libpq keyword string)"
         shown = " ".join(
-            f"{key}={HIDDEN if key == 'password' and value else _quote_keyword(value)}" for key, value in pairs
+            f"{key}={_quote_keyword(value) if key in SHOWN_PARAMETERS else _hidden_value(key, value)}"
+            for key, value in pairs
         )
     else:
         shown = text
