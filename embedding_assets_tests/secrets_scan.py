@@ -13,6 +13,7 @@ temporary directory for it and for the test PostgreSQL server's password.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -76,12 +77,13 @@ def postgres_password(url: str) -> str | None:
 
 
 @pytest.fixture(autouse=True)
-def no_secrets_in_outputs(request, monkeypatch, capfd) -> Iterator[None]:
+def no_secrets_in_outputs(request, monkeypatch, capfd, tmp_path: Path) -> Iterator[None]:
     monkeypatch.setenv("OPENAI_API_KEY", SENTINEL_API_KEY)
     yield
     secrets = [SENTINEL_API_KEY]
-    if "postgres_server" in request.fixturenames:
+    if "postgres_server" in request.fixturenames:  # also when a test asked for it by name
         secrets.append(postgres_password(request.getfixturevalue("postgres_server")))
     out, err = capfd.readouterr()
-    paths = [request.getfixturevalue("tmp_path")] if "tmp_path" in request.fixturenames else []
-    assert_no_leaks(secrets, [("stdout", out), ("stderr", err)], paths)
+    sys.stdout.write(out)  # still shown in the report of a failing test
+    sys.stderr.write(err)
+    assert_no_leaks(secrets, [("stdout", out), ("stderr", err)], [tmp_path])

@@ -81,7 +81,8 @@ def outputs(*runs: subprocess.CompletedProcess) -> list[tuple[str, str]]:
 
 def add_template(env: dict[str, str]) -> None:
     faq = Path(env["EMBEDDING_ASSETS_FAQ_PATH"])
-    write_rows(faq, [*read_rows(SAMPLE_FAQ), ["NEW-1", "Карты", "Кешбэк", "Есть ли кешбэк?", "низкий", "все", "Да."]])
+    new = ["NEW-1", "Карты", "Кешбэк", "Есть ли кешбэк?", "низкий", "все", "Да."]
+    write_rows(faq, [*read_rows(SAMPLE_FAQ), new])
 
 
 def instance_bytes(env: dict[str, str]) -> bytes:
@@ -99,7 +100,8 @@ def test_a_key_after_the_cut_is_redacted_before_the_message_is_cut() -> None:
     unknown = redact(message.replace(API_KEY, "sk-otherKEY-0123456789abcdef"), [], limit=200)
     assert "Authorization: Bearer ***" in unknown and "otherKEY" not in unknown
     assert redact("a sk-abcdef123456 token") == "a *** token"
-    assert redact(f"cannot connect to http://proxy:{PROXY_TOKEN}@h:8/v1 now") == "cannot connect to http://proxy:***@h:8/v1 now"
+    shown = redact(f"cannot connect to http://proxy:{PROXY_TOKEN}@h:8/v1 now")
+    assert shown == "cannot connect to http://proxy:***@h:8/v1 now"
 
 
 def test_the_scan_finds_every_fragment_and_only_those(tmp_path: Path) -> None:
@@ -148,7 +150,8 @@ def test_postgres_addresses_are_parsed_by_libpq_and_shown_without_the_password(a
      ("dir/a=b.sqlite3", "dir/a=b.sqlite3"), ("x.SQLITE", "x.SQLITE")],
 )
 def test_sqlite_addresses(address: str, path: str) -> None:
-    assert (store_backend(address), parse_store_url(address), sqlite_path(address)) == ("sqlite", Path(path), Path(path))
+    assert store_backend(address) == "sqlite"
+    assert parse_store_url(address) == sqlite_path(address) == Path(path)
 
 
 @pytest.mark.parametrize(
@@ -194,7 +197,8 @@ def test_a_provider_400_quoting_the_key_after_170_characters_shows_nowhere(proje
     assert failed.returncode == 1
     rejected = (f"the server at {api.base_url} rejected the request (HTTP 400: Invalid request: the input could "
                 "not be read as text; the request had ")
-    assert rejected in failed.stderr and "Authorization: Bearer *** and…); check the model version's settings" in failed.stderr
+    assert rejected in failed.stderr
+    assert "Authorization: Bearer *** and…); check the model version's settings" in failed.stderr
     for run in (searched, searched_json):
         assert run.returncode == 1 and run.stdout == "" and "Traceback" not in run.stderr
         assert run.stderr.startswith(f"Error: model version '{KEY}': embedding the query failed: {rejected}")
@@ -252,7 +256,7 @@ def test_the_cli_refuses_a_query_over_the_limit_before_embedding_it(project, api
 def sentinel_database(server_url: str) -> Iterator[dict[str, str]]:
     """A role with the sentinel password owning a new database with pgvector; yields host, port, user, dbname."""
     n = next(_roles)
-    role, database = f"sentinel_{os.getpid()}_{n}", f"sentinel_db_{os.getpid()}_{n}"
+    role, database = f"faq_owner_{os.getpid()}_{n}", f"faq_db_{os.getpid()}_{n}"
     admin = psycopg2.connect(server_url, connect_timeout=10)
     admin.autocommit = True
     try:
@@ -300,6 +304,7 @@ def test_postgres_addresses_with_a_sentinel_password_work_and_never_show_it(form
     assert status_text.stdout.startswith(f"store {shown} at generation 1\n")
     assert KEY in listed.stdout and len(json.loads(found.stdout)["hits"]) == 3
     assert refused.returncode == 1 and "password authentication failed" in refused.stderr
+    assert db["user"].encode() in instance_bytes(project)  # the event log holds the (redacted) address
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dagster_home", "faq.xlsx", "versions.toml"]
     assert_no_leaks(SECRETS, outputs(done, status, status_text, listed, found, refused), [tmp_path])
 

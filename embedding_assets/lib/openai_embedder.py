@@ -173,7 +173,8 @@ class OpenAIEmbedder:
         self.cost = EmbeddingCost(tokens=None)
 
     def __repr__(self) -> str:
-        return f"OpenAIEmbedder(model_version={self.version_key!r}, model={self.model!r}, base_url={self.display_url!r})"
+        return (f"OpenAIEmbedder(model_version={self.version_key!r}, model={self.model!r}, "
+                f"base_url={self.display_url!r})")
 
     def embed_passages(self, texts: Sequence[str]) -> np.ndarray:
         vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
@@ -284,7 +285,9 @@ class OpenAIEmbedder:
                 extra_body=extra_body,
             )
         except openai.APITimeoutError:
-            raise _Retryable(f"no reply from {self.display_url} within the {self.settings.timeout:g} s timeout", None) from None
+            raise _Retryable(
+                f"no reply from {self.display_url} within the {self.settings.timeout:g} s timeout", None
+            ) from None
         except openai.APIConnectionError:
             raise _Retryable(f"cannot connect to {self.display_url}", None) from None
         except openai.APIStatusError as exc:
