@@ -312,7 +312,7 @@ def test_postgres_addresses_with_a_sentinel_password_work_and_never_show_it(form
 # --- the HTTP service ----------------------------------------------------------------------------
 
 
-def _request(port: int, path: str, body: bytes | None = None, timeout: float = 30) -> tuple[int, dict, float]:
+def _request(port: int, path: str, body: bytes | None = None, timeout: float = 30) -> tuple[int, object, float]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
                                      headers={"Content-Type": "application/json"} if body is not None else {})
     started = time.perf_counter()
@@ -321,7 +321,11 @@ def _request(port: int, path: str, body: bytes | None = None, timeout: float = 3
             status, text = response.status, response.read()
     except urllib.error.HTTPError as error:
         status, text = error.code, error.read()
-    return status, json.loads(text or b"null"), time.perf_counter() - started
+    try:
+        body = json.loads(text or b"null")
+    except ValueError:
+        body = text.decode()
+    return status, body, time.perf_counter() - started
 
 
 def _search(port: int, query: str, timeout: float = 30) -> tuple[int, dict, float]:
@@ -388,12 +392,14 @@ def test_the_service_answers_provider_failures_and_hostile_queries_safely(projec
             record_figure(f"service refuses a {name} query", f"HTTP {status} in {took * 1000:.0f} ms")
         over = _search(port, "я" * (MAX_QUERY_CHARS + 1))
         got = _request(port, "/search?query=" + "%D1%8F" * (MAX_QUERY_CHARS + 1))
+        long_get = _request(port, "/search?query=" + "a" * 100_000)  # over the HTTP server's header limit
         assert api.requests == []  # nothing of those reached the model
         assert answer(port, None)[0] == 200
     assert refused == {name: (413, {"error": "request too large",
                                     "detail": "the request body may hold at most 65536 bytes"}) for name in refused}
     detail = f"query: String should have at most {MAX_QUERY_CHARS} characters"
     assert over[:2] == got[:2] == (422, {"error": "invalid request", "detail": detail})
+    assert long_get[:2] == (400, "Invalid HTTP request received.")
     service_log = log.read_text()
     assert "search failed: model version 'bge-m3-v1': embedding the query failed: the server at " in service_log
     assert "search timed out after 1 s" in (tmp_path / "service-1s.log").read_text()
