@@ -220,13 +220,21 @@ def search(
     text: str, top_k: int, category: str | None, subcategory: str | None, model_key: str | None, as_json: bool
 ) -> None:
     """Top-k templates for a customer query."""
+    from embedding_assets.lib.embedders import EmbeddingError
+    from embedding_assets.lib.redaction import redact
     from embedding_assets.retrieval import TemplateRetriever
 
+    if len(text) > settings.MAX_QUERY_CHARS:
+        raise click.BadParameter(
+            f"the query has {len(text)} characters; at most {settings.MAX_QUERY_CHARS} are accepted "
+            "(the query model reads no more than its first 512 tokens)",
+            param_hint="TEXT",
+        )
     try:
         retriever = TemplateRetriever.load(settings.store_url(), model_key)
         hits = retriever.search(text, top_k=top_k, category=category, subcategory=subcategory)
-    except (StoreError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except (StoreError, ValueError, EmbeddingError) as exc:
+        raise click.ClickException(redact(str(exc))) from None
     lines = [f"{h.rank}. [{h.score:.3f}] {h.template_id} · {h.category} / {h.subcategory}\n   Q: {h.question}\n"
              f"   A: {h.answer}" for h in hits]
     payload = {"query": text, "model_version": retriever.info()["model_version"], "hits": [h.as_dict() for h in hits]}
@@ -242,13 +250,15 @@ def search(
               help="Seconds between checks for a new publish.")
 @click.option("--lexical-weight", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="Weight of the BM25 score added to the cosine similarity (0: dense only).")
+@click.option("--search-timeout", default=15.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a search may take before it is answered 504.")
 def serve(host: str, port: int, store_url: str | None, model_key: str | None, reload_interval: float,
-          lexical_weight: float) -> None:
+          lexical_weight: float, search_timeout: float) -> None:
     """HTTP search service: /search, /healthz, /readyz, /docs; reloads on every new publish."""
     from embedding_assets.retrieval.service import serve as run_service
 
     run_service(store_url or settings.store_url(), host=host, port=port, model_version=model_key,
-                reload_interval=reload_interval, lexical_weight=lexical_weight)
+                reload_interval=reload_interval, lexical_weight=lexical_weight, search_timeout=search_timeout)
 
 
 @main.command()
@@ -265,6 +275,7 @@ def serve(host: str, port: int, store_url: str | None, model_key: str | None, re
 def evaluate(queries_path: str, store_url: str | None, model_key: str | None, label_mode: str,
              lexical_weight: float, as_json: bool) -> None:
     """Top-1/3/5 accuracy, MRR, per-category results and misses on labelled queries."""
+    from embedding_assets.lib.embedders import EmbeddingError
     from embedding_assets.retrieval import TemplateRetriever
     from embedding_assets.retrieval.evaluation import QueriesFileError, evaluate as run_evaluation, load_queries
 
@@ -272,7 +283,7 @@ def evaluate(queries_path: str, store_url: str | None, model_key: str | None, la
         queries = load_queries(queries_path)
         retriever = TemplateRetriever.load(store_url or settings.store_url(), model_key, lexical_weight=lexical_weight)
         result = run_evaluation(retriever, queries, queries_file=queries_path, label_mode=label_mode)
-    except (StoreError, QueriesFileError) as exc:
+    except (StoreError, QueriesFileError, EmbeddingError) as exc:
         raise click.ClickException(str(exc)) from exc
     _emit(result.as_dict(), as_json, result.report())
 

@@ -26,6 +26,8 @@ FAQ_COLUMN_VARS = {key: f"EMBEDDING_ASSETS_FAQ_{key.upper()}_COLUMN" for key in 
 DEFAULT_SENSOR_INTERVAL = 30
 DEFAULT_VERIFY_CRON = "0 3 * * *"
 DEFAULT_VERIFY_TIMEZONE = "UTC"
+# Longest accepted search query: about the 512 tokens the query model reads, more is never read.
+MAX_QUERY_CHARS = 2000
 
 
 def faq_path() -> str:

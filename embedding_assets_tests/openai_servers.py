@@ -37,6 +37,7 @@ class Reply:
     dimension: int | None = None  # vectors of this length instead of the server's
     drop: int = 0  # leave out the last `drop` embeddings
     echo_authorization: bool = False  # put the Authorization header in the error message
+    quote_request_after: int | None = None  # quote the Authorization header after this many characters
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,11 @@ class FaultServer:
                     message = f"scripted failure {reply.status}"
                     if reply.echo_authorization:
                         message = f"Incorrect API key provided: {self.headers.get('Authorization')}"
+                    if reply.quote_request_after is not None:
+                        intro = "Invalid request: the input could not be read as text; the request had "
+                        message = (intro.ljust(reply.quote_request_after, ".")
+                                   + f"Authorization: {self.headers.get('Authorization')} and Content-Type: "
+                                   f"{self.headers.get('Content-Type')}")
                     payload = json.dumps({"error": {"message": message, "type": "error", "code": None}}).encode()
                 else:
                     dimension = reply.dimension or body.get("dimensions") or server.dimension

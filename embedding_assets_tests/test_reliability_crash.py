@@ -19,6 +19,7 @@ from embedding_assets_tests.conftest import SAMPLE_FAQ, make_template, read_rows
 from embedding_assets_tests.openai_servers import FaultServer, Reply, fake_vector
 from embedding_assets_tests.pipeline import KEY, run_pipeline
 from embedding_assets_tests.reliability import BACKENDS, record_figure
+from embedding_assets_tests.secrets_scan import no_secrets_in_outputs  # noqa: F401  (autouse)
 
 pytestmark = pytest.mark.reliability
 

@@ -18,6 +18,7 @@ from embedding_assets.lib.faq import header_hint
 from embedding_assets.store import open_store
 from embedding_assets_tests.conftest import HEADER, read_rows, write_rows
 from embedding_assets_tests.pipeline import failure_message, run_pipeline
+from embedding_assets_tests.secrets_scan import no_secrets_in_outputs  # noqa: F401  (autouse)
 
 pytestmark = pytest.mark.reliability
 

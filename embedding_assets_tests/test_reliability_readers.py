@@ -19,6 +19,7 @@ from embedding_assets.store import open_store
 from embedding_assets_tests.conftest import PROJECT_ROOT, make_template
 from embedding_assets_tests.reader_probe import complete_lines
 from embedding_assets_tests.reliability import BACKENDS, record_figure
+from embedding_assets_tests.secrets_scan import no_secrets_in_outputs  # noqa: F401  (autouse)
 
 pytestmark = pytest.mark.reliability
 

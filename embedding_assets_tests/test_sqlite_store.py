@@ -521,5 +521,6 @@ def test_unsupported_scheme_names_scheme_without_password() -> None:
     assert "secret" not in message
     assert message == (
         "unsupported store URL scheme 'mysql' in mysql://u:***@h:3306/db; "
-        "use sqlite:///path.db or postgresql://user:password@host:port/database"
+        "use sqlite:///path.db, a path ending in .db/.sqlite/.sqlite3, "
+        "postgresql://user:password@host:port/database, or host=... port=... user=... password=... dbname=..."
     )

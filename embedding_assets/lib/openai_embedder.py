@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedding_assets.lib.embedders import EmbeddingCost, EmbeddingError
+from embedding_assets.lib.redaction import redact
 
 if TYPE_CHECKING:
     from embedding_assets.lib.model_versions import ModelVersion
@@ -34,6 +35,7 @@ NO_KEY = "no-key-configured"
 RETRYABLE_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 RETRY_AFTER_CEILING_S = 300.0
 CHARS_PER_TOKEN = 3  # a deliberate over-estimate for Cyrillic and Latin text alike
+SERVER_MESSAGE_CHARS = 200  # of a provider's error message, kept after redaction
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,8 @@ class OpenAIEmbedder:
         self.settings = OpenAISettings.parse(version.settings)
         self.base_url = self.settings.base_url or os.environ.get(self.settings.base_url_env) or DEFAULT_BASE_URL
         self._api_key = api_key or None
+        self._secrets = _url_secrets(self.base_url) + ([self._api_key] if self._api_key else [])
+        self.display_url = redact(self.base_url, self._secrets)
         self._key_variable = self.settings.api_key_env
         self._client = openai.OpenAI(
             api_key=self._api_key or NO_KEY,
@@ -169,7 +173,8 @@ class OpenAIEmbedder:
         self.cost = EmbeddingCost(tokens=None)
 
     def __repr__(self) -> str:
-        return f"OpenAIEmbedder(model_version={self.version_key!r}, model={self.model!r}, base_url={self.base_url!r})"
+        return (f"OpenAIEmbedder(model_version={self.version_key!r}, model={self.model!r}, "
+                f"base_url={self.display_url!r})")
 
     def embed_passages(self, texts: Sequence[str]) -> np.ndarray:
         vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
@@ -280,32 +285,34 @@ class OpenAIEmbedder:
                 extra_body=extra_body,
             )
         except openai.APITimeoutError:
-            raise _Retryable(f"no reply from {self.base_url} within the {self.settings.timeout:g} s timeout", None) from None
+            raise _Retryable(
+                f"no reply from {self.display_url} within the {self.settings.timeout:g} s timeout", None
+            ) from None
         except openai.APIConnectionError:
-            raise _Retryable(f"cannot connect to {self.base_url}", None) from None
+            raise _Retryable(f"cannot connect to {self.display_url}", None) from None
         except openai.APIStatusError as exc:
             raise self._status_failure(exc.status_code, exc.response.headers, exc.body) from None
         return self._parse(response.http_response.content, len(texts))
 
     def _status_failure(self, status: int, headers: Mapping[str, str], body: object) -> Exception:
-        detail = self._redact(_server_message(body))
+        detail = redact(_server_message(body), self._secrets, limit=SERVER_MESSAGE_CHARS)
         said = f"HTTP {status}" + (f": {detail}" if detail else "")
         if status in RETRYABLE_STATUSES:
             return _Retryable(detail or f"HTTP {status}", status, retry_after_seconds(headers))
         if status in (401, 403):
             state = "is set" if self._api_key else "is not set"
             return _Fatal(
-                f"the server at {self.base_url} refused the API key ({said}); check the environment variable "
+                f"the server at {self.display_url} refused the API key ({said}); check the environment variable "
                 f"{self._key_variable} (it {state}; settings.api_key_env names it)",
                 status,
             )
         if status == 404:
-            hint = f"check the model name {self.model!r} and the base URL {self.base_url}"
+            hint = f"check the model name {self.model!r} and the base URL {self.display_url}"
         elif status == 413:
             hint = "lower batch_size or settings.max_batch_tokens"
         else:
             hint = f"check the model version's settings (model {self.model!r}, dimensions, input types)"
-        return _Fatal(f"the server at {self.base_url} rejected the request ({said}); {hint}", status)
+        return _Fatal(f"the server at {self.display_url} rejected the request ({said}); {hint}", status)
 
     def _parse(self, content: bytes, expected: int) -> np.ndarray:
         try:
@@ -317,20 +324,20 @@ class OpenAIEmbedder:
             vectors = [_vector(item["embedding"]) for item in items]
         except (ValueError, KeyError, TypeError) as exc:
             raise _Fatal(
-                f"the server at {self.base_url} returned malformed JSON ({type(exc).__name__}); "
+                f"the server at {self.display_url} returned malformed JSON ({type(exc).__name__}); "
                 "is base_url an OpenAI-compatible /v1 endpoint?",
                 200,
             ) from None
         if len(vectors) != expected:
             raise _Fatal(
-                f"the server at {self.base_url} returned {len(vectors)} embedding(s) for {expected} input(s); "
+                f"the server at {self.display_url} returned {len(vectors)} embedding(s) for {expected} input(s); "
                 "lower batch_size if it caps inputs per request",
                 200,
             )
         wrong = sorted({len(v) for v in vectors} - {self.dimension})
         if wrong:
             raise _Fatal(
-                f"the server at {self.base_url} returned {wrong[0]}-d vectors but the model version declares "
+                f"the server at {self.display_url} returned {wrong[0]}-d vectors but the model version declares "
                 f"dimension {self.dimension}; fix dimension (or the dimensions request setting) under a new key",
                 200,
             )
@@ -341,8 +348,14 @@ class OpenAIEmbedder:
                 self.cost.tokens = (self.cost.tokens or 0) + tokens
         return np.asarray(vectors, dtype=np.float32)
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
+
+def _url_secrets(url: str) -> list[str]:
+    """The password (or token) in a URL's user part, raw and percent-decoded."""
+    from urllib.parse import unquote
+
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    password = userinfo.partition(":")[2] or userinfo
+    return [password, unquote(password)] if password else []
 
 
 def _vector(embedding: object) -> list[float] | np.ndarray:
@@ -354,11 +367,10 @@ def _vector(embedding: object) -> list[float] | np.ndarray:
 
 
 def _server_message(body: object) -> str:
-    """The server's own error message, shortened."""
+    """The server's own error message, whitespace collapsed (whole: redact it before shortening)."""
     if isinstance(body, dict):
         error = body.get("error", body)
         message = error.get("message") if isinstance(error, dict) else error
     else:
         message = body
-    text = " ".join(str(message or "").split())
-    return text[:200]
+    return " ".join(str(message or "").split())

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
+import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -19,19 +22,33 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, field_validator
 from swagger_ui_bundle import swagger_ui_path
 
+from embedding_assets.lib.embedders import EmbeddingError
+from embedding_assets.lib.openai_embedder import RETRYABLE_STATUSES
+from embedding_assets.lib.redaction import redact
 from embedding_assets.retrieval import TemplateRetriever
-from embedding_assets.store import redact_url
+from embedding_assets.settings import MAX_QUERY_CHARS
+from embedding_assets.store import PostgresAddress, StoreError, parse_store_url, redact_url
 
 log = logging.getLogger("embedding_assets.service")
 
 MAX_TOP_K = 50
 DOCS_ASSETS = "/docs/assets"
+MAX_BODY_BYTES = 64 * 1024  # a JSON body with the longest query, escaped, fits many times over
+DRAINED_BODY_BYTES = 16 * 1024 * 1024  # a larger body is read (not parsed) so its client sees the 413
+SEARCH_TIMEOUT_S = 15.0  # default; a search still running then is answered 504 (it finishes in its worker)
+SEARCH_WORKERS = 4
+MAX_PENDING_SEARCHES = 16  # searches waiting or running; more are answered 503 at once
+DETAIL_CHARS = 300
 
 
 class SearchRequest(BaseModel):
     """A customer query and how many templates to return."""
 
-    query: str = Field(description="The customer's question, in any wording.", min_length=1)
+    query: str = Field(
+        description=f"The customer's question, in any wording (at most {MAX_QUERY_CHARS} characters).",
+        min_length=1,
+        max_length=MAX_QUERY_CHARS,
+    )
     top_k: int = Field(3, ge=1, le=MAX_TOP_K, description=f"Number of templates to return (1–{MAX_TOP_K}).")
     category: str | None = Field(None, description="Only templates of this category.")
     subcategory: str | None = Field(None, description="Only templates of this subcategory.")
@@ -78,6 +95,7 @@ class RetrieverHolder:
         load: Callable[..., TemplateRetriever] = TemplateRetriever.load,
     ):
         self.store = str(store)
+        self.secrets = store_secrets(self.store)
         self.model_version = model_version
         self.reload_interval = reload_interval
         self.lexical_weight = lexical_weight
@@ -106,7 +124,7 @@ class RetrieverHolder:
                 info = self.retriever.info()
                 log.info("reloaded: %d templates at store generation %d", info["loaded_rows"], info["store_generation"])
         except Exception as exc:  # any failure to read the store leaves the last good copy serving
-            message = f"{type(exc).__name__}: {exc}"
+            message = redact(f"{type(exc).__name__}: {exc}", self.secrets)
             if message != self.problem:
                 if self.retriever is None:
                     log.warning("not ready, retrying every %.1f s: %s", self.reload_interval, message)
@@ -160,6 +178,31 @@ class RetrieverHolder:
         return 200, body
 
 
+def store_secrets(store: str) -> list[str]:
+    """The password of a PostgreSQL store address, hidden from every message and log line."""
+    try:
+        address = parse_store_url(store)
+    except StoreError:
+        return []
+    return [address.password] if isinstance(address, PostgresAddress) and address.password else []
+
+
+class RedactingFilter(logging.Filter):
+    """Hides secrets in log records (the message, its arguments and a formatted traceback)."""
+
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            record.exc_info, record.exc_text = None, None
+        record.msg, record.args = redact(message, self.secrets), None
+        return True
+
+
 def _error(status: int, error: str, detail: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": error, "detail": detail})
 
@@ -180,14 +223,26 @@ def _add_offline_docs(app: FastAPI) -> None:
         )
 
 
-def create_app(holder: RetrieverHolder) -> FastAPI:
-    """The FastAPI application serving one holder's retriever."""
+def _embedding_failure(exc: EmbeddingError) -> JSONResponse:
+    """502 when the provider refused the query; 503 when it could not be reached, timed out or was overloaded."""
+    status = getattr(exc, "status", None)
+    if status is None or status in RETRYABLE_STATUSES:
+        said = "did not answer" if status is None else f"answered HTTP {status}"
+        return _error(503, "embedding provider unavailable",
+                      f"the query could not be embedded: the embedding provider {said}; try again later")
+    return _error(502, "embedding provider error",
+                  f"the query could not be embedded: the embedding provider answered HTTP {status}")
+
+
+def create_app(holder: RetrieverHolder, search_timeout: float = SEARCH_TIMEOUT_S) -> FastAPI:
+    """The FastAPI application serving one holder's retriever; a search taking over search_timeout s is a 504."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         holder.start()
         yield
         holder.stop()
+        searches.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="FAQ template retrieval",
@@ -199,6 +254,18 @@ def create_app(holder: RetrieverHolder) -> FastAPI:
     )
     app.state.holder = holder
     _add_offline_docs(app)
+    searches = ThreadPoolExecutor(max_workers=SEARCH_WORKERS, thread_name_prefix="search")
+    pending = threading.BoundedSemaphore(MAX_PENDING_SEARCHES)
+
+    @app.middleware("http")
+    async def bounded_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            if length.isdigit() and int(length) <= DRAINED_BODY_BYTES:
+                async for _ in request.stream():
+                    pass
+            return _error(413, "request too large", f"the request body may hold at most {MAX_BODY_BYTES} bytes")
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -211,8 +278,10 @@ def create_app(holder: RetrieverHolder) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
-        return _error(500, "internal error", f"{type(exc).__name__}: {exc}")
+        detail = redact(f"{type(exc).__name__}: {exc}", holder.secrets)
+        trace = redact("".join(traceback.format_exception(exc)).rstrip(), holder.secrets)
+        log.error("unexpected error on %s: %s\n%s", request.url.path, detail, trace)
+        return _error(500, "internal error", redact(detail, holder.secrets, limit=DETAIL_CHARS))
 
     def run_search(request: SearchRequest) -> SearchResponse | JSONResponse:
         retriever = holder.retriever
@@ -221,6 +290,9 @@ def create_app(holder: RetrieverHolder) -> FastAPI:
         started = time.perf_counter()
         try:
             hits = retriever.search(request.query, request.top_k, request.category, request.subcategory)
+        except EmbeddingError as exc:
+            log.warning("search failed: %s", redact(str(exc), holder.secrets))
+            return _embedding_failure(exc)
         except ValueError as exc:
             return _error(400, "bad request", str(exc))
         info = retriever.info()
@@ -232,19 +304,38 @@ def create_app(holder: RetrieverHolder) -> FastAPI:
             hits=[Hit(**h.as_dict()) for h in hits],
         )
 
+    async def bounded_search(request: SearchRequest) -> SearchResponse | JSONResponse:
+        """The search in a worker thread: at most MAX_PENDING_SEARCHES at once, search_timeout s each."""
+        if not pending.acquire(blocking=False):
+            return _error(503, "busy", "too many searches in progress; try again shortly")
+        try:
+            future = searches.submit(run_search, request)
+        except BaseException:
+            pending.release()
+            raise
+        future.add_done_callback(lambda _: pending.release())
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), search_timeout)
+        except TimeoutError:
+            log.warning("search timed out after %g s", search_timeout)
+            return _error(504, "search timed out", f"the search did not finish within {search_timeout:g} s")
+
     responses = {
         400: {"description": "Unknown category or subcategory"},
-        422: {"description": "Empty query or top_k out of range"},
-        503: {"description": "No store loaded yet"},
+        413: {"description": f"Request body over {MAX_BODY_BYTES} bytes"},
+        422: {"description": f"Empty query, a query over {MAX_QUERY_CHARS} characters, or top_k out of range"},
+        502: {"description": "The embedding provider answered the query with an error"},
+        503: {"description": "No store loaded yet, the embedding provider unreachable, or too many searches"},
+        504: {"description": f"The search did not finish in time ({search_timeout:g} s)"},
     }
 
     @app.get("/search", response_model=SearchResponse, responses=responses, summary="Search (query string)")
-    def search_get(params: Annotated[SearchRequest, Query()]):
-        return run_search(params)
+    async def search_get(params: Annotated[SearchRequest, Query()]):
+        return await bounded_search(params)
 
     @app.post("/search", response_model=SearchResponse, responses=responses, summary="Search (JSON body)")
-    def search_post(body: SearchRequest):
-        return run_search(body)
+    async def search_post(body: SearchRequest):
+        return await bounded_search(body)
 
     @app.get("/healthz", summary="The process is alive")
     def healthz() -> dict:
@@ -266,6 +357,7 @@ def serve(
     model_version: str | None = None,
     reload_interval: float = 2.0,
     lexical_weight: float = 0.0,
+    search_timeout: float = SEARCH_TIMEOUT_S,
 ) -> None:
     """Run the service with uvicorn until interrupted."""
     import uvicorn
@@ -274,5 +366,12 @@ def serve(
     # that multiplies query latency (see the README's benchmarks). Read when the model first loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for client_log in ("httpx", "httpx2"):  # their request lines carry the provider URL
+        logging.getLogger(client_log).setLevel(logging.WARNING)
     holder = RetrieverHolder(store, model_version, reload_interval, lexical_weight)
-    uvicorn.run(create_app(holder), host=host, port=port, log_level="info")
+    config = uvicorn.Config(create_app(holder, search_timeout), host=host, port=port, log_level="info")
+    hide = RedactingFilter(holder.secrets)
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(hide)
+    uvicorn.Server(config).run()

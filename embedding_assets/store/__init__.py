@@ -1,10 +1,9 @@
-"""Embedding stores selected by URL: `sqlite:///path.db`, a plain path, or `postgresql://…`."""
+"""Embedding stores selected by address: `sqlite:///path.db`, a path, `postgresql://…` or libpq keywords."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from embedding_assets.store.base import (
     EmbeddingStore,
@@ -21,9 +20,16 @@ from embedding_assets.store.base import (
 )
 from embedding_assets.store.postgres import PostgresStore
 from embedding_assets.store.sqlite import SqliteStore
-
-DEFAULT_STORE_URL = "sqlite:///data/embeddings.db"
-POSTGRES_SCHEMES = ("postgresql", "postgres")
+from embedding_assets.store.urls import (
+    DEFAULT_STORE_URL,
+    POSTGRES_SCHEMES,
+    PostgresAddress,
+    is_postgres,
+    parse_store_url,
+    redact_url,
+    sqlite_path,
+    store_backend,
+)
 
 __all__ = [
     "DEFAULT_STORE_URL",
@@ -31,6 +37,7 @@ __all__ = [
     "ForeignDatabaseError",
     "ModelVersionMismatchError",
     "POSTGRES_SCHEMES",
+    "PostgresAddress",
     "PostgresStore",
     "PublishRequest",
     "PublishResult",
@@ -41,60 +48,22 @@ __all__ = [
     "StoreNotFoundError",
     "StoreSnapshot",
     "VersionInfo",
+    "is_postgres",
     "open_store",
     "open_store_for_rebuild",
+    "parse_store_url",
     "redact_url",
     "sqlite_path",
     "store_backend",
 ]
 
 
-def sqlite_path(url: str | Path) -> Path | None:
-    """The file of an SQLite store URL (`sqlite:///relative`, `sqlite:////absolute`, or a path)."""
-    text = str(url)
-    if text.startswith("sqlite:///"):
-        return Path(text[len("sqlite:///") :])
-    if "://" in text:
-        return None
-    return Path(text)
-
-
-def store_backend(url: str | Path) -> str:
-    """The backend a store URL selects: "postgresql" or "sqlite"."""
-    return "postgresql" if str(url).split("://", 1)[0].lower() in POSTGRES_SCHEMES else "sqlite"
-
-
-def redact_url(url: str | Path) -> str:
-    """The URL with any password (in the user part or a `password=` parameter) replaced, safe for logs."""
-    text = str(url)
-    parts = urlsplit(text)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    hidden_query = any(name == "password" for name, _ in query)
-    if parts.password is None and not hidden_query:
-        return text
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = f"{parts.username}:***@" + netloc.rsplit("@", 1)[1]
-    if hidden_query:
-        parts = parts._replace(
-            query=urlencode([(n, "***" if n == "password" else v) for n, v in query], safe="*")
-        )
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def open_store(url: str | Path, *, create: bool = True) -> EmbeddingStore:
     """Open the store a URL names; with create=False a missing store is an error."""
-    text = str(url)
-    if "://" in text and text.split("://", 1)[0].lower() in POSTGRES_SCHEMES:
-        return PostgresStore(text, create=create)
-    path = sqlite_path(url)
-    if path is None:
-        scheme = text.split("://", 1)[0]
-        raise StoreError(
-            f"unsupported store URL scheme {scheme!r} in {redact_url(url)}; "
-            "use sqlite:///path.db or postgresql://user:password@host:port/database"
-        )
-    return SqliteStore(path, create=create)
+    address = parse_store_url(url)
+    if isinstance(address, PostgresAddress):
+        return PostgresStore(str(url), create=create)
+    return SqliteStore(address, create=create)
 
 
 def open_store_for_rebuild(url: str | Path) -> tuple[EmbeddingStore, Path | None]:

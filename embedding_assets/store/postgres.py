@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import psycopg2
@@ -44,9 +43,9 @@ from embedding_assets.store.base import (
     settings_json,
     unpublished_message,
 )
+from embedding_assets.store.urls import DEFAULT_SCHEMA, connection_settings, redact_url
 
 SCHEMA_VERSION = 1
-DEFAULT_SCHEMA = "embedding_store"
 PAGE_SIZE = 500
 COPY_ROWS = 10_000
 MAX_EF_SEARCH = 1000
@@ -106,17 +105,6 @@ _INT4 = struct.Struct(">i")
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def connection_settings(url: str) -> tuple[str, str]:
-    """The libpq connection URL and the schema a store URL names (`?schema=` is ours, not libpq's)."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    schema = next((value for name, value in query if name == "schema"), DEFAULT_SCHEMA)
-    if not schema:
-        raise StoreError("the store URL's schema parameter is empty")
-    rest = urlencode([(name, value) for name, value in query if name != "schema"])
-    return urlunsplit(parts._replace(scheme="postgresql", query=rest)), schema
 
 
 def hnsw_index_name(key: str, dimension: int) -> str:
@@ -206,11 +194,9 @@ class PostgresStore:
     """An embedding store in a PostgreSQL database with the pgvector extension."""
 
     def __init__(self, url: str, *, create: bool = True):
-        from embedding_assets.store import redact_url
-
         self.location = redact_url(url)
         dsn, self.schema = connection_settings(str(url))
-        self._password = urlsplit(dsn).password
+        self._password = psycopg2.extensions.parse_dsn(dsn).get("password") if dsn else None
         try:
             self._conn = psycopg2.connect(
                 dsn, connect_timeout=10, application_name="embedding_assets", client_encoding="UTF8"
