@@ -21,8 +21,10 @@ from embedding_assets.store import (
     StoreError,
     StoreNotFoundError,
     StoreSnapshot,
+    StoreState,
     open_store,
     redact_url,
+    sqlite_path,
 )
 from embedding_assets.store.base import mismatch_message
 from embedding_assets_tests.conftest import make_template
@@ -378,3 +380,62 @@ def test_concurrent_publishers_from_one_base_one_wins(store_url: str) -> None:
     with open_store(store_url) as store:
         assert store.generation() == 2
         assert len(store.snapshot()) == 11
+
+
+def test_store_identity_is_created_with_the_store_and_kept(store_url: str) -> None:
+    with open_store(store_url) as store:
+        created = store.state()
+        assert len(created.store_id) == 32 and int(created.store_id, 16) >= 0
+        assert created == StoreState(created.store_id, 0)
+        publish(store, V4, TEN, TEN_VECTORS)
+        assert store.state() == StoreState(created.store_id, 1)
+        snapshot = store.snapshot()
+        assert (snapshot.store_id, snapshot.state) == (created.store_id, StoreState(created.store_id, 1))
+    with open_store(store_url, create=False) as reopened:
+        assert reopened.state() == StoreState(created.store_id, 1)
+
+
+def test_a_replaced_store_at_the_same_generation_has_another_identity(store_url: str) -> None:
+    with open_store(store_url) as store:
+        publish(store, V4, TEN, TEN_VECTORS)
+        before = store.snapshot().state
+    drop_store(store_url)
+    with open_store(store_url) as rebuilt:
+        publish(rebuilt, V4, TEN[:3], TEN_VECTORS)
+        after = rebuilt.snapshot().state
+    assert after.generation == before.generation == 1
+    assert after.store_id != before.store_id
+
+
+def test_a_store_made_before_identities_gets_one_on_its_first_write_open(store_url: str) -> None:
+    with open_store(store_url) as store:
+        publish(store, V4, TEN, TEN_VECTORS)
+        execute(store, "DELETE FROM {meta} WHERE key = 'store_id'")
+    with open_store(store_url, create=False) as reader:
+        assert reader.state() == StoreState("", 1)
+    with open_store(store_url) as writer:
+        first = writer.state()
+    with open_store(store_url) as writer:
+        assert writer.state() == first
+    assert len(first.store_id) == 32 and first.generation == 1
+
+
+def execute(store, statement: str) -> None:
+    """Run one statement straight on the backend ({meta} names the store_meta table)."""
+    if isinstance(store, SqliteStore):
+        store._conn.execute(statement.format(meta="store_meta"))
+        return
+    with store._transaction() as cur:
+        cur.execute(store._sql(statement.replace("{meta}", "{schema}.store_meta")))
+
+
+def drop_store(store_url: str) -> None:
+    """Delete the store entirely (the file and its companions, or the schema)."""
+    path = sqlite_path(store_url) if store_url.startswith("sqlite") else None
+    if path is not None:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return
+    with open_store(store_url) as store:
+        with store._transaction() as cur:
+            cur.execute(store._sql("DROP SCHEMA {schema} CASCADE"))

@@ -17,6 +17,7 @@ from embedding_assets.store.base import (
     StoreError,
     StoreNotFoundError,
     StoreSnapshot,
+    StoreState,
     VersionInfo,
 )
 from embedding_assets.store.postgres import PostgresStore
@@ -40,6 +41,7 @@ __all__ = [
     "StoreError",
     "StoreNotFoundError",
     "StoreSnapshot",
+    "StoreState",
     "VersionInfo",
     "open_store",
     "open_store_for_rebuild",

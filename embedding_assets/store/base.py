@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -105,6 +106,18 @@ TEMPLATE_FIELDS = tuple(StoredTemplate.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
+class StoreState:
+    """Which store this is and how far it has got: a new store (even at the same path) has a new id."""
+
+    store_id: str
+    generation: int
+
+
+def new_store_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
 class StoreSnapshot:
     """One model version's published templates (column-wise) and vectors, read in one transaction."""
 
@@ -112,6 +125,11 @@ class StoreSnapshot:
     store_generation: int
     columns: dict[str, Sequence]
     matrix: np.ndarray
+    store_id: str = ""
+
+    @property
+    def state(self) -> StoreState:
+        return StoreState(self.store_id, self.store_generation)
 
     def __len__(self) -> int:
         return self.matrix.shape[0]
@@ -170,6 +188,8 @@ class EmbeddingStore(Protocol):
     location: str
 
     def generation(self) -> int: ...
+
+    def state(self) -> StoreState: ...
 
     def current_version(self) -> str | None: ...
 

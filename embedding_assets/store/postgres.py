@@ -37,10 +37,12 @@ from embedding_assets.store.base import (
     StoreError,
     StoreNotFoundError,
     StoreSnapshot,
+    StoreState,
     VersionInfo,
     check_publish_vectors,
     current_prune_message,
     mismatch_message,
+    new_store_id,
     settings_json,
     unpublished_message,
 )
@@ -285,6 +287,11 @@ class PostgresStore:
                     )
             cur.execute(self._sql("SELECT value FROM {schema}.store_meta WHERE key = 'schema_version'"))
             row = cur.fetchone()
+            if create and self._meta(cur, "store_id") is None:
+                cur.execute(
+                    self._sql("INSERT INTO {schema}.store_meta VALUES ('store_id', %s) ON CONFLICT (key) DO NOTHING"),
+                    (new_store_id(),),
+                )
         version = int(row[0]) if row else 0
         if version != SCHEMA_VERSION:
             raise StoreError(
@@ -326,6 +333,15 @@ class PostgresStore:
     def generation(self) -> int:
         with self._transaction() as cur:
             return int(self._meta(cur, "generation") or 0)
+
+    def state(self) -> StoreState:
+        """The store's id and generation, read together."""
+        with self._transaction(snapshot=True) as cur:
+            cur.execute(
+                self._sql("SELECT key, value FROM {schema}.store_meta WHERE key IN ('store_id', 'generation')")
+            )
+            values = dict(cur.fetchall())
+        return StoreState(values.get("store_id", ""), int(values.get("generation", 0)))
 
     def current_version(self) -> str | None:
         with self._transaction() as cur:
@@ -552,6 +568,7 @@ class PostgresStore:
         """The published rows and vectors of one version (default: the current one), from one MVCC snapshot."""
         with self._transaction(snapshot=True) as cur:
             store_generation = int(self._meta(cur, "generation") or 0)
+            store_id = self._meta(cur, "store_id") or ""
             key = key or self._meta(cur, "current_version")
             if key is None:
                 raise StoreError(f"{self.location}: no model version has been published yet")
@@ -576,7 +593,11 @@ class PostgresStore:
         matrix = _parse_vectors(copied.getvalue(), len(rows), info.dimension, f"{self.location}: {key!r}")
         values = list(zip(*rows)) if rows else [()] * len(TEMPLATE_FIELDS)
         return StoreSnapshot(
-            version=info, store_generation=store_generation, columns=dict(zip(TEMPLATE_FIELDS, values)), matrix=matrix
+            version=info,
+            store_generation=store_generation,
+            columns=dict(zip(TEMPLATE_FIELDS, values)),
+            matrix=matrix,
+            store_id=store_id,
         )
 
     def facets(self, key: str) -> tuple[set[str], set[str]]:

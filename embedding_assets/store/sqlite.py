@@ -25,10 +25,12 @@ from embedding_assets.store.base import (
     StoreNotFoundError,
     TEMPLATE_FIELDS,
     StoreSnapshot,
+    StoreState,
     VersionInfo,
     check_publish_vectors,
     current_prune_message,
     mismatch_message,
+    new_store_id,
     settings_json,
     unpublished_message,
 )
@@ -176,8 +178,12 @@ class SqliteStore:
                         conn.execute(statement)
                 conn.execute("INSERT OR IGNORE INTO store_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                 conn.execute("INSERT OR IGNORE INTO store_meta VALUES ('generation', '0')")
+                conn.execute("INSERT OR IGNORE INTO store_meta VALUES ('store_id', ?)", (new_store_id(),))
             return
         self._check_schema_version()
+        if self._meta("store_id") is None:
+            with self._writing() as conn:
+                conn.execute("INSERT OR IGNORE INTO store_meta VALUES ('store_id', ?)", (new_store_id(),))
 
     def _check_schema_version(self) -> None:
         try:
@@ -227,6 +233,12 @@ class SqliteStore:
 
     def generation(self) -> int:
         return int(self._meta("generation") or 0)
+
+    def state(self) -> StoreState:
+        """The store's id and generation, read together."""
+        with self._reading() as conn:
+            values = dict(conn.execute("SELECT key, value FROM store_meta WHERE key IN ('store_id', 'generation')"))
+        return StoreState(values.get("store_id", ""), int(values.get("generation", 0)))
 
     def current_version(self) -> str | None:
         return self._meta("current_version")
@@ -374,6 +386,7 @@ class SqliteStore:
         try:
             with self._reading() as conn:
                 store_generation = int(self._meta("generation") or 0)
+                store_id = self._meta("store_id") or ""
                 key = key or self._meta("current_version")
                 if key is None:
                     raise StoreError(f"{self.path}: no model version has been published yet")
@@ -393,7 +406,9 @@ class SqliteStore:
             raise StoreCorruptError(f"{self.path}: vectors of {key!r} do not all have dimension {info.dimension}")
         matrix = np.frombuffer(blob, dtype="<f4").reshape(len(rows), info.dimension)
         columns = dict(zip(TEMPLATE_FIELDS, values[:-1]))
-        return StoreSnapshot(version=info, store_generation=store_generation, columns=columns, matrix=matrix)
+        return StoreSnapshot(
+            version=info, store_generation=store_generation, columns=columns, matrix=matrix, store_id=store_id
+        )
 
     def close(self) -> None:
         self._conn.close()
