@@ -159,7 +159,7 @@ def test_ready_search_and_openapi(running):
 
 def test_category_and_subcategory_filters(running):
     service, store_copy = running
-    snapshot = TemplateRetriever.load(store_copy).snapshot
+    snapshot = TemplateRetriever.load(store_copy).index.snapshot
     in_subcategory = [t for t in snapshot.templates if t.subcategory == "Блокировка и перевыпуск"]
 
     status, body = service.get("/search", query=QUERY, top_k=10, category="Кредиты")
