@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import psycopg2
@@ -119,3 +121,13 @@ def test_database_mode_searches_concurrently_over_at_most_its_pool_of_connection
     finally:
         retriever.close()
     assert _backends(postgres_copy) == 0
+
+
+def test_the_retrieval_package_and_service_import_no_dagster() -> None:
+    code = (
+        "import sys, embedding_assets.retrieval, embedding_assets.retrieval.service, "
+        "embedding_assets.retrieval.evaluation; "
+        "print(sorted(m for m in sys.modules if m.startswith(('dagster', 'embedding_assets.defs'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr
