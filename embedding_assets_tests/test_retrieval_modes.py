@@ -105,7 +105,8 @@ def test_database_mode_searches_concurrently_over_at_most_its_pool_of_connection
         start.wait()
         try:
             for _ in range(10):
-                results.append([h.template_id for h in retriever.search("заблокировать карту", top_k=5)])
+                result = retriever.search("заблокировать карту", top_k=5)
+                results.append([h.template_id for h in result])
         except BaseException as exc:  # recorded and asserted below
             errors.append(exc)
 

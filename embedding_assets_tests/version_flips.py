@@ -35,7 +35,8 @@ def vector_of(content_hash: str) -> np.ndarray:
 
 def sheet(prefix: str, edit: int) -> list:
     return [
-        replace(make_template(n, answer=f"Ответ {prefix}-{n}, публикация {edit}."), template_id=f"{prefix}-{n}")
+        replace(make_template(n, answer=f"Ответ {prefix}-{n}, публикация {edit}."),
+                template_id=f"{prefix}-{n}")
         for n in range(1, TEMPLATES + 1)
     ]
 

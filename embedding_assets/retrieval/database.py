@@ -41,7 +41,9 @@ class StorePool:
     def connection(self) -> Iterator:
         """An open store for this thread alone; one that failed is closed and replaced on next use."""
         if not self._slots.acquire(timeout=self.wait):
-            raise StoreError(f"{redact_url(self.url)}: all {self.size} database connections stayed busy for {self.wait:g} s")
+            raise StoreError(
+                f"{redact_url(self.url)}: all {self.size} database connections stayed busy for {self.wait:g} s"
+            )
         try:
             with self._lock:
                 store = self._idle.pop() if self._idle else None

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator
 
-from embedding_assets.retrieval import TemplateRetriever
+from embedding_assets.retrieval import IndexIdentity, TemplateRetriever
 from embedding_assets.store import redact_url
 
 log = logging.getLogger("embedding_assets.service")
@@ -60,7 +60,7 @@ class SearchResponse(BaseModel):
 
 
 class RetrieverHolder:
-    """Owns the current retriever: loads it, polls the store for a new generation, reports readiness.
+    """Owns the current retriever: loads it, polls the store for a new identity or generation, reports readiness.
 
     A reload swaps a fully built index into the retriever; each search ranks on one index and answers
     with that index's identity, so a request in flight finishes on, and reports, the copy it started with.
@@ -86,7 +86,7 @@ class RetrieverHolder:
         self._thread: threading.Thread | None = None
 
     def refresh(self) -> None:
-        """Load the store if nothing is loaded yet, else reload it when its generation moved on."""
+        """Load the store if nothing is loaded yet, else reload it when its identity or generation changed."""
         try:
             if self.retriever is None:
                 started = time.perf_counter()
@@ -119,7 +119,7 @@ class RetrieverHolder:
             self.problem = None
 
     @staticmethod
-    def _log_reload(before, info: dict) -> None:
+    def _log_reload(before: IndexIdentity, info: dict) -> None:
         if info["store_id"] != before.store_id:
             log.warning("the store was replaced (new store identity); loading it")
         elif info["store_generation"] < before.store_generation:
