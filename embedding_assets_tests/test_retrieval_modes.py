@@ -132,3 +132,28 @@ def test_the_retrieval_package_and_service_import_no_dagster() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr
+
+
+def _terminate_backends(url: str) -> int:
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'embedding_assets'"
+            )
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_database_mode_recovers_from_connections_the_server_dropped(postgres_copy: str) -> None:
+    retriever = TemplateRetriever.load(postgres_copy, mode="database", database_connections=2)
+    try:
+        expected = [h.template_id for h in retriever.search("заблокировать карту", top_k=3)]
+        assert _terminate_backends(postgres_copy) == 1
+        found = [[h.template_id for h in retriever.search("заблокировать карту", top_k=3)] for _ in range(3)]
+        assert found == [expected] * 3
+        assert _backends(postgres_copy) == 1
+    finally:
+        retriever.close()

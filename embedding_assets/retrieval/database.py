@@ -39,7 +39,11 @@ class StorePool:
 
     @contextmanager
     def connection(self) -> Iterator:
-        """An open store for this thread alone; one that failed is closed and replaced on next use."""
+        """An open store for this thread alone.
+
+        A store error closes that connection and the idle ones (after a server restart they are all
+        broken); the next use opens new ones.
+        """
         if not self._slots.acquire(timeout=self.wait):
             raise StoreError(
                 f"{redact_url(self.url)}: all {self.size} database connections stayed busy for {self.wait:g} s"
@@ -53,6 +57,7 @@ class StorePool:
                 yield store
             except StoreError:
                 store.close()
+                self._close_idle()
                 raise
             except BaseException:
                 self._give_back(store)
@@ -68,12 +73,16 @@ class StorePool:
                 return
         store.close()
 
-    def close(self) -> None:
+    def _close_idle(self) -> None:
         with self._lock:
-            self._closed = True
             idle, self._idle = self._idle, []
         for store in idle:
             store.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._close_idle()
 
 
 class DatabaseIndex:
@@ -129,9 +138,12 @@ class DatabaseIndex:
         text = checked_query(text, top_k)
         check_facets(*self._facets, category, subcategory)
         query = self.embedder.embed_query(text)
-        with self.pool.connection() as store:
-            ranked = store.search(self.version.key, query, top_k, category, subcategory)
-            state = store.state()
+        try:
+            ranked, state = self._rank(query, top_k, category, subcategory)
+        except StaleIndexError:
+            raise
+        except StoreError:  # once more on a new connection: the failed one may have been dropped by the server
+            ranked, state = self._rank(query, top_k, category, subcategory)
         # Generations only grow within one store identity: an unchanged state after the search means
         # the search read exactly this index's generation.
         if (state.store_id, state.generation) != (self.identity.store_id, self.identity.store_generation):
@@ -141,6 +153,10 @@ class DatabaseIndex:
             )
         hits = tuple(SearchHit.of(rank, t, score) for rank, (t, score) in enumerate(ranked, start=1))
         return SearchResult(hits, self.identity)
+
+    def _rank(self, query, top_k: int, category: str | None, subcategory: str | None):
+        with self.pool.connection() as store:
+            return store.search(self.version.key, query, top_k, category, subcategory), store.state()
 
     def facets(self) -> tuple[frozenset[str], frozenset[str]]:
         return self._facets
