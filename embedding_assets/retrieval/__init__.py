@@ -116,12 +116,17 @@ class TemplateRetriever:
         self, text: str, top_k: int = 3, category: str | None = None, subcategory: str | None = None
     ) -> SearchResult:
         """The top_k templates most similar to text, with the identity of the index that ranked them."""
-        for _ in range(STALE_RETRIES):
+        index, query_vector = self._index, None
+        for attempt in range(STALE_RETRIES + 1):
             try:
-                return self._index.search(text, top_k, category, subcategory)
-            except StaleIndexError:
+                return index.search(text, top_k, category, subcategory, query_vector=query_vector)
+            except StaleIndexError as stale:
+                if attempt == STALE_RETRIES:
+                    raise
                 self.reload_if_changed()
-        return self._index.search(text, top_k, category, subcategory)
+                fresh = self._index
+                query_vector = stale.query_vector if fresh.embedder is index.embedder else None
+                index = fresh
 
     def reload_if_changed(self) -> bool:
         """Swap in a fresh index when the store's identity or generation changed (either way); True if so."""

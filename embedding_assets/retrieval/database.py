@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
+import numpy as np
+
 from embedding_assets.lib.embedders import Embedder, embedder_for
 from embedding_assets.lib.plan import StoredTemplate
 from embedding_assets.retrieval.index import (
@@ -132,12 +134,20 @@ class DatabaseIndex:
         return cls(pool, version, identity, embedder, (frozenset(categories), frozenset(subcategories)))
 
     def search(
-        self, text: str, top_k: int = 3, category: str | None = None, subcategory: str | None = None
+        self,
+        text: str,
+        top_k: int = 3,
+        category: str | None = None,
+        subcategory: str | None = None,
+        query_vector: np.ndarray | None = None,
     ) -> SearchResult:
-        """The top_k templates nearest to text, ranked by PostgreSQL; StaleIndexError once the store moved on."""
+        """The top_k templates nearest to text, ranked by PostgreSQL; StaleIndexError once the store moved on.
+
+        `query_vector`, when given, is text's embedding by this index's embedder (a retry reuses it).
+        """
         text = checked_query(text, top_k)
         check_facets(*self._facets, category, subcategory)
-        query = self.embedder.embed_query(text)
+        query = self.embedder.embed_query(text) if query_vector is None else query_vector
         try:
             ranked, state = self._rank(query, top_k, category, subcategory)
         except StaleIndexError:
@@ -149,7 +159,8 @@ class DatabaseIndex:
         if (state.store_id, state.generation) != (self.identity.store_id, self.identity.store_generation):
             raise StaleIndexError(
                 f"{redact_url(self.pool.url)}: the store moved to generation {state.generation} while searching "
-                f"generation {self.identity.store_generation}"
+                f"generation {self.identity.store_generation}",
+                query_vector=query,
             )
         hits = tuple(SearchHit.of(rank, t, score) for rank, (t, score) in enumerate(ranked, start=1))
         return SearchResult(hits, self.identity)

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, overload
 
+import numpy as np
+
 from embedding_assets.lib.embedders import Embedder
 from embedding_assets.lib.plan import StoredTemplate
 from embedding_assets.store import StoreError
@@ -66,6 +68,10 @@ class SearchResult(Sequence[SearchHit]):
 class StaleIndexError(StoreError):
     """The store moved on while a query was ranked against it; the index must be reloaded."""
 
+    def __init__(self, message: str, query_vector: np.ndarray | None = None):
+        super().__init__(message)
+        self.query_vector = query_vector
+
 
 class SearchIndex(Protocol):
     """One model version of one store generation, searchable; replaced (never changed) on reload."""
@@ -76,8 +82,15 @@ class SearchIndex(Protocol):
     loaded_at: str
 
     def search(
-        self, text: str, top_k: int = 3, category: str | None = None, subcategory: str | None = None
-    ) -> SearchResult: ...
+        self,
+        text: str,
+        top_k: int = 3,
+        category: str | None = None,
+        subcategory: str | None = None,
+        query_vector: np.ndarray | None = None,
+    ) -> SearchResult:
+        """The ranked hits; `query_vector`, when given, is text's embedding by this index's embedder."""
+        ...
 
     def facets(self) -> tuple[frozenset[str], frozenset[str]]:
         """The categories and subcategories the indexed templates use."""

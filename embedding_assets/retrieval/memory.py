@@ -56,7 +56,12 @@ class MemoryIndex:
         return cls(store_url, snapshot, embedder or embedder_for(snapshot.version.to_model_version()), lexical_weight)
 
     def search(
-        self, text: str, top_k: int = 3, category: str | None = None, subcategory: str | None = None
+        self,
+        text: str,
+        top_k: int = 3,
+        category: str | None = None,
+        subcategory: str | None = None,
+        query_vector: np.ndarray | None = None,
     ) -> SearchResult:
         """The top_k templates most similar to text, optionally within a category/subcategory."""
         text = checked_query(text, top_k)
@@ -69,7 +74,7 @@ class MemoryIndex:
         candidates = np.flatnonzero(mask)
         if candidates.size == 0:
             return SearchResult((), self.identity)
-        query = self.embedder.embed_query(text)
+        query = self.embedder.embed_query(text) if query_vector is None else query_vector
         scores = self.snapshot.matrix @ query
         lexical = self._lexical.scores(text) if self._lexical is not None else None
         if candidates.size < mask.size:
