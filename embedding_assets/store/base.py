@@ -234,12 +234,12 @@ def mismatch_message(version: ModelVersion, stored: VersionInfo) -> str:
     """What drifted between a version's published settings and its configuration, field by field."""
     drifted = drifted_fields(version, stored) or [("fingerprint", stored.fingerprint, version.fingerprint())]
     differences = "; ".join(
-        f"{name}: stored {'unset' if old is None else repr(old)}, configured {'unset' if new is None else repr(new)}"
+        f"{name} differs (stored {'unset' if old is None else repr(old)}, "
+        f"configured {'unset' if new is None else repr(new)})"
         for name, old, new in drifted
     )
-    names = ", ".join(name for name, _, _ in drifted)
     return (
-        f"model version {version.key!r} was published with different settings ({names} differ: {differences}). "
+        f"model version {version.key!r} was published with different settings: {differences}. "
         "Declare a new model version key for new settings, or rebuild this one with --force."
     )
 
