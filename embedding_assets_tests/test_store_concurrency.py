@@ -25,6 +25,8 @@ from embedding_assets_tests.openai_servers import FaultServer, Reply, fake_vecto
 from embedding_assets_tests.reliability import BACKENDS, record_figure
 from embedding_assets_tests.test_store_contract import raw_row_count
 
+pytestmark = pytest.mark.reliability
+
 FORK = multiprocessing.get_context("fork")
 DIMENSION = 8
 TRIALS = 3

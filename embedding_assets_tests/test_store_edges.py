@@ -30,6 +30,8 @@ from embedding_assets.store.base import mismatch_message
 from embedding_assets_tests.conftest import make_template
 from embedding_assets_tests.test_store_contract import TEN, TEN_VECTORS, V4, publish, vector_for
 
+pytestmark = pytest.mark.reliability
+
 FORK = multiprocessing.get_context("fork")
 LOCK_SECONDS = 4.0
 SHORT_WAIT = 0.5
@@ -246,6 +248,14 @@ def test_a_store_on_a_read_only_volume_is_read_read_only_and_writes_are_refused(
                 f"{ro_path} cannot be written: {volume} is on a read-only file system; "
                 "readers can still open it read-only"
             )
+            if not left_open:
+                env = {**os.environ, "EMBEDDING_ASSETS_STORE": f"sqlite:///{ro_path}"}
+                cli = Path(sys.executable).with_name("embedding-assets")
+                status = subprocess.run([cli, "status"], env=env, capture_output=True, text=True, timeout=120)
+                assert status.returncode == 0, status.stderr
+                assert status.stdout.splitlines()[0] == (
+                    f"store sqlite:///{ro_path} at generation 1 (read-only: {volume} is on a read-only file system)"
+                )
     finally:
         writer.close()
 
