@@ -23,10 +23,12 @@ class StoredTemplate:
     source_row: int
 
     def same_fields(self, item: HashedTemplate) -> bool:
-        t = item.template
-        return (self.category, self.subcategory, self.question, self.answer, self.priority, self.audience,
-                self.source_row) == (t.category, t.subcategory, t.question, t.answer, t.priority, t.audience,
-                                     t.source_row)
+        """Whether every field but the id and the content hash equals the template's."""
+        return all(getattr(self, name) == getattr(item.template, name) for name in EDITABLE_FIELDS)
+
+
+EDITABLE_FIELDS = tuple(StoredTemplate.__dataclass_fields__)[2:]
+"""The fields a template can change without changing its vector's identity (all but id and hash)."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import numpy as np
 from embedding_assets.lib.embedders import EmbeddingError, VectorCache, check_vectors
 from embedding_assets.lib.hashing import HashedTemplate
 from embedding_assets.lib.model_versions import OPENAI_TRANSPORT_SETTINGS, ModelVersion
-from embedding_assets.lib.plan import ChangePlan, StoredTemplate
+from embedding_assets.lib.plan import EDITABLE_FIELDS, ChangePlan, StoredTemplate
 
 
 BUSY_TIMEOUT_ENV = "EMBEDDING_ASSETS_BUSY_TIMEOUT"
@@ -120,8 +120,6 @@ class PublishResult:
 TEMPLATE_FIELDS = tuple(StoredTemplate.__dataclass_fields__)
 """A published template's columns, in table order; the vector column follows them."""
 INTEGER_FIELDS = frozenset(name for name, f in StoredTemplate.__dataclass_fields__.items() if f.type == "int")
-EDITABLE_FIELDS = TEMPLATE_FIELDS[2:]
-"""The columns a field-only change rewrites (everything but the id and the content hash)."""
 VERSION_FIELDS = (
     "key", "provider", "model", "dimension", "text_template", "settings", "fingerprint", "rows", "generation",
     "created_at", "published_at",
@@ -276,6 +274,7 @@ def current_prune_message(key: str) -> str:
 class EmbeddingStore(Protocol):
     location: str
     read_only: bool
+    read_only_reason: str | None
 
     def generation(self) -> int: ...
 
