@@ -29,6 +29,7 @@ from embedding_assets.store import (
 from embedding_assets.store.base import mismatch_message
 from embedding_assets_tests.conftest import make_template
 from embedding_assets_tests.test_store_contract import TEN, TEN_VECTORS, V4, publish, vector_for
+from embedding_assets_tests.test_store_contract import store_url  # noqa: F401  (fixture: both backends)
 
 pytestmark = pytest.mark.reliability
 
@@ -281,8 +282,8 @@ OPENAI = ModelVersion(
          "model differs (stored 'mini', configured 'mini-2'); dimension differs (stored 4, configured 6)"),
     ],
 )
-def test_the_drift_guard_names_the_field_that_differs(tmp_path: Path, stored, configured, named: str) -> None:
-    with open_store(tmp_path / "store.db") as store:
+def test_the_drift_guard_names_the_field_that_differs(store_url: str, stored, configured, named: str) -> None:  # noqa: F811
+    with open_store(store_url) as store:
         dimension = stored.dimension
         publish(store, stored, TEN, {t.template_id: vector_for(n, dimension) for n, t in enumerate(TEN, 1)})
         before = store.snapshot(stored.key)
