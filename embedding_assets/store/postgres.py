@@ -41,7 +41,7 @@ from embedding_assets.store.base import (
     new_store_id,
     settings_json,
 )
-from embedding_assets.store.publishing import PublishingStore, StoreVectorCache, polled_lock
+from embedding_assets.store.publishing import PublishingStore, polled_lock
 
 SCHEMA_VERSION = 1
 DEFAULT_SCHEMA = "embedding_store"
@@ -152,11 +152,11 @@ class PostgresSession:
     """The PostgreSQL dialect of the store's primitives, inside one transaction."""
 
     def __init__(self, store: PostgresStore, cur: psycopg2.extensions.cursor):
-        self.store = store
+        self._store = store
         self.cur = cur
 
     def _run(self, text: str, params: Sequence | None = None, **parts: sql.Composable) -> None:
-        self.cur.execute(self.store._sql(text, **parts), params)
+        self.cur.execute(self._store._sql(text, **parts), params)
 
     def meta(self, key: str) -> str | None:
         self._run("SELECT value FROM {schema}.store_meta WHERE key = %s", (key,))
@@ -201,7 +201,7 @@ class PostgresSession:
 
     def upsert_rows(self, key: str, rows: list[tuple], vectors: list[np.ndarray]) -> None:
         updates = ", ".join(f"{name} = EXCLUDED.{name}" for name in (*TEMPLATE_FIELDS[1:], "embedding"))
-        self.store._upsert(
+        self._store._upsert(
             self.cur,
             "templates",
             [(key, *row, vector) for row, vector in zip(rows, vectors, strict=True)],
@@ -214,7 +214,7 @@ class PostgresSession:
             return
         execute_values(
             self.cur,
-            self.store._sql(
+            self._store._sql(
                 "UPDATE {schema}.templates AS t SET {assignments} FROM (VALUES %s) AS v(template_id, {fields}) "
                 "WHERE t.model_version = {key} AND t.template_id = v.template_id",
                 assignments=sql.SQL(", ").join(
@@ -240,7 +240,7 @@ class PostgresSession:
     def delete_version(self, key: str) -> None:
         self._run("DELETE FROM {schema}.embedding_cache WHERE model_version = %s", (key,))
         self._run("DELETE FROM {schema}.model_versions WHERE key = %s", (key,))
-        self.store._drop_other_indexes(self.cur, key, 0)
+        self._store._drop_other_indexes(self.cur, key, 0)
 
     def count(self, key: str) -> int:
         self._run("SELECT count(*) FROM {schema}.templates WHERE model_version = %s", (key,))
@@ -255,7 +255,7 @@ class PostgresSession:
         return {h: vector.to_numpy() for h, vector in self.cur.fetchall()}
 
     def put_cached(self, key: str, fingerprint: str, vectors: Mapping[str, np.ndarray], created_at: str) -> None:
-        self.store._upsert(
+        self._store._upsert(
             self.cur,
             "embedding_cache",
             [(key, fingerprint, h, v, created_at) for h, v in vectors.items()],
@@ -269,22 +269,22 @@ class PostgresSession:
         rows = self.cur.fetchall()
         copied = io.BytesIO()
         self.cur.copy_expert(
-            self.store._sql(
+            self._store._sql(
                 "COPY (SELECT embedding FROM {schema}.templates WHERE model_version = {key} "
                 "ORDER BY template_id) TO STDOUT WITH (FORMAT binary)",
                 key=sql.Literal(key),
             ).as_string(self.cur.connection),
             copied,
         )
-        matrix = _parse_vectors(copied.getvalue(), len(rows), dimension, f"{self.store.location}: {key!r}")
+        matrix = _parse_vectors(copied.getvalue(), len(rows), dimension, f"{self._store.location}: {key!r}")
         values = list(zip(*rows)) if rows else [()] * len(TEMPLATE_FIELDS)
         return dict(zip(TEMPLATE_FIELDS, values)), matrix
 
     def before_rows(self, key: str, dimension: int) -> None:
-        self.store._drop_other_indexes(self.cur, key, dimension)
+        self._store._drop_other_indexes(self.cur, key, dimension)
 
     def after_rows(self, key: str, dimension: int) -> None:
-        self.store._create_index(self.cur, key, dimension)
+        self._store._create_index(self.cur, key, dimension)
 
 
 class PostgresStore(PublishingStore):
@@ -436,9 +436,6 @@ class PostgresStore(PublishingStore):
                 "Install pgvector on the server (or use the pgvector/pgvector image), or have an administrator "
                 "run CREATE EXTENSION vector in this database"
             ) from None
-
-    def cache(self, version: ModelVersion) -> StoreVectorCache:
-        return StoreVectorCache(self, version)
 
     @contextmanager
     def writer_lock(self, model_version_key: str, timeout: float) -> Iterator[None]:

@@ -163,8 +163,8 @@ class PublishingStore:
     def publish(self, version: ModelVersion, plan: ChangePlan, vectors: Mapping[str, np.ndarray]) -> PublishResult:
         """Apply a change plan in one transaction and bump the store generation.
 
-        A plan made before another run published this version is rebased onto what is published now,
-        with vectors from `vectors` and the version's cache; only a missing vector makes it stale.
+        A plan made before another run published this version is rebased onto what is published now
+        when that run changed no template differently; otherwise it is stale (StalePlanError).
         """
         started = time.perf_counter()
         check_publish_vectors(version, plan, vectors)

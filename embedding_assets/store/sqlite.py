@@ -30,11 +30,25 @@ from embedding_assets.store.base import (
     new_store_id,
     settings_json,
 )
-from embedding_assets.store.publishing import PublishingStore, StoreVectorCache, polled_lock
+from embedding_assets.store.publishing import PublishingStore, polled_lock
 
 SCHEMA_VERSION = 1
 _PARAMS_PER_QUERY = 900
-_COLUMNS = ", ".join(TEMPLATE_FIELDS)
+_TEMPLATE_COLUMNS = ", ".join(TEMPLATE_FIELDS)
+# Statements built from the declared column names only; values always go in as parameters.
+_SELECT_VERSIONS = f"SELECT {', '.join(VERSION_FIELDS)} FROM model_versions ORDER BY key"
+_SELECT_VERSION = f"SELECT {', '.join(VERSION_FIELDS)} FROM model_versions WHERE key = ?"
+_SELECT_TEMPLATES = f"SELECT {_TEMPLATE_COLUMNS} FROM templates WHERE model_version = ?"
+_SELECT_SNAPSHOT = f"SELECT {_TEMPLATE_COLUMNS}, vector FROM templates WHERE model_version = ? ORDER BY template_id"
+_UPSERT_TEMPLATE = (
+    f"INSERT INTO templates (model_version, {_TEMPLATE_COLUMNS}, vector) "
+    f"VALUES ({', '.join('?' * (len(TEMPLATE_FIELDS) + 2))}) ON CONFLICT(model_version, template_id) DO UPDATE SET "
+    + ", ".join(f"{name} = excluded.{name}" for name in (*TEMPLATE_FIELDS[1:], "vector"))
+)
+_UPDATE_FIELDS = (
+    f"UPDATE templates SET {', '.join(f'{name} = ?' for name in EDITABLE_FIELDS)} "
+    "WHERE model_version = ? AND template_id = ?"
+)
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS store_meta (
@@ -137,10 +151,9 @@ class SqliteSession:
         )
 
     def version_rows(self, key: str | None = None) -> list[tuple]:
-        where, params = ("WHERE key = ?", (key,)) if key is not None else ("", ())
-        return self.conn.execute(
-            f"SELECT {', '.join(VERSION_FIELDS)} FROM model_versions {where} ORDER BY key", params
-        ).fetchall()
+        if key is None:
+            return self.conn.execute(_SELECT_VERSIONS).fetchall()
+        return self.conn.execute(_SELECT_VERSION, (key,)).fetchall()
 
     def upsert_version(self, version: ModelVersion, generation: int, published_at: str) -> None:
         self.conn.execute(
@@ -157,24 +170,17 @@ class SqliteSession:
         self.conn.execute("UPDATE model_versions SET rows = ? WHERE key = ?", (rows, key))
 
     def templates(self, key: str) -> dict[str, StoredTemplate]:
-        rows = self.conn.execute(f"SELECT {_COLUMNS} FROM templates WHERE model_version = ?", (key,))
+        rows = self.conn.execute(_SELECT_TEMPLATES, (key,))
         return {r[0]: StoredTemplate(*r) for r in rows}
 
     def upsert_rows(self, key: str, rows: list[tuple], vectors: list[np.ndarray]) -> None:
-        updates = ", ".join(f"{name} = excluded.{name}" for name in (*TEMPLATE_FIELDS[1:], "vector"))
-        marks = ", ".join("?" * (len(TEMPLATE_FIELDS) + 2))
         self.conn.executemany(
-            f"INSERT INTO templates (model_version, {_COLUMNS}, vector) VALUES ({marks}) "
-            f"ON CONFLICT(model_version, template_id) DO UPDATE SET {updates}",
+            _UPSERT_TEMPLATE,
             [(key, *row, _blob(vector)) for row, vector in zip(rows, vectors, strict=True)],
         )
 
     def update_fields(self, key: str, rows: list[tuple]) -> None:
-        assignments = ", ".join(f"{name} = ?" for name in EDITABLE_FIELDS)
-        self.conn.executemany(
-            f"UPDATE templates SET {assignments} WHERE model_version = ? AND template_id = ?",
-            [(*row[1:], key, row[0]) for row in rows],
-        )
+        self.conn.executemany(_UPDATE_FIELDS, [(*row[1:], key, row[0]) for row in rows])
 
     def delete_ids(self, key: str, ids: Sequence[str]) -> None:
         self.conn.executemany(
@@ -194,9 +200,10 @@ class SqliteSession:
     def cached(self, key: str, fingerprint: str, hashes: Sequence[str]) -> dict[str, np.ndarray]:
         found = {}
         for chunk in _chunks(hashes):
+            marks = ",".join("?" * len(chunk))
             rows = self.conn.execute(
                 "SELECT content_hash, vector FROM embedding_cache WHERE model_version = ? AND fingerprint = ? "
-                f"AND content_hash IN ({','.join('?' * len(chunk))})",
+                f"AND content_hash IN ({marks})",
                 (key, fingerprint, *chunk),
             )
             found.update((h, np.frombuffer(blob, dtype="<f4")) for h, blob in rows)
@@ -209,9 +216,7 @@ class SqliteSession:
         )
 
     def snapshot_data(self, key: str, dimension: int) -> tuple[dict[str, Sequence], np.ndarray]:
-        rows = self.conn.execute(
-            f"SELECT {_COLUMNS}, vector FROM templates WHERE model_version = ? ORDER BY template_id", (key,)
-        ).fetchall()
+        rows = self.conn.execute(_SELECT_SNAPSHOT, (key,)).fetchall()
         values = list(zip(*rows)) if rows else [()] * (len(TEMPLATE_FIELDS) + 1)
         blob = b"".join(values[-1])
         if len(blob) != len(rows) * dimension * 4:
@@ -365,9 +370,6 @@ class SqliteStore(PublishingStore):
             problems = [row[0] for row in session.conn.execute("PRAGMA quick_check(5)")]
         if problems != ["ok"]:
             raise StoreCorruptError(f"{self.path} is damaged: {'; '.join(problems)}")
-
-    def cache(self, version: ModelVersion) -> StoreVectorCache:
-        return StoreVectorCache(self, version)
 
     def lock_path(self, model_version_key: str) -> Path:
         """The file beside the store whose flock is one model version's writer lock."""
