@@ -135,13 +135,13 @@ def latency_rows(label: str, path: Path, key: str, queries: list[str]) -> list[t
     load_ms = statistics.median(timed_ms(lambda: TemplateRetriever.load(path, key)) for _ in range(5))
     retriever = TemplateRetriever.load(path, key)
     retriever.search(queries[0])  # loads the query model
-    embedder = retriever._index.embedder
+    embedder = retriever.index.embedder
     embed = [timed_ms(lambda q=q: embedder.embed_query(q)) for q in queries]
     total = [timed_ms(lambda q=q: retriever.search(q, top_k=5)) for q in queries]
     ranking = TemplateRetriever.load(path, key, embedder=PrecomputedQueries(embedder, queries))
     rank_only = [timed_ms(lambda q=q: ranking.search(q, top_k=5)) for q in queries]
-    filtered = [timed_ms(lambda q=q: ranking.search(q, top_k=5, category=ranking.snapshot.columns["category"][0]))
-                for q in queries]
+    category = ranking.index.snapshot.columns["category"][0]
+    filtered = [timed_ms(lambda q=q: ranking.search(q, top_k=5, category=category)) for q in queries]
     return [
         (f"store load, {label}", f"{load_ms:.1f} ms", "TemplateRetriever.load, median of 5"),
         (f"search, {label}", percentiles(total), "including the local query embedding"),
@@ -161,10 +161,10 @@ def ranking_variants(store: Path, queries_file: Path) -> dict[str, tuple[float, 
 
     retriever = TemplateRetriever.load(store)
     dense_eval = evaluate(retriever, queries)
-    snapshot = retriever.snapshot
+    snapshot = retriever.index.snapshot
     ids = list(snapshot.columns["template_id"])
     targets = [ids.index(o.expected_id) for o in dense_eval.outcomes]
-    embedder = retriever._index.embedder
+    embedder = retriever.index.embedder
     query_vectors = np.array([embedder.embed_query(q.query) for q in queries])
     dense = query_vectors @ snapshot.matrix.T
     lexical_index = LexicalIndex(lexical_documents(snapshot))

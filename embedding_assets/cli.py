@@ -151,9 +151,14 @@ def status(as_json: bool) -> None:
     url = settings.store_url()
     with _existing_store() as store:
         versions = [v.as_dict() for v in store.versions()]
-        generation = store.generation()
-    payload = {"store": redact_url(url), "generation": generation, "versions": versions}
+        state = store.state()
+        read_only = store.read_only_reason
+    generation = state.generation
+    payload = {"store": redact_url(url), "store_id": state.store_id, "generation": generation, "versions": versions}
     lines = [f"store {redact_url(url)} at generation {generation}"]
+    if read_only:
+        payload["read_only"] = read_only
+        lines[0] += f" (read-only: {read_only})"
     lines += [
         f"  {'*' if v['current'] else ' '} {v['model_version']}: {v['rows']} rows, generation {v['generation']}, "
         f"{v['provider']}:{v['model']} ({v['dimension']}-d), last published {v['published_at']}"

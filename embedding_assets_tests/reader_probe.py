@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from embedding_assets.retrieval import TemplateRetriever
+from embedding_assets.retrieval import StaleIndexError, TemplateRetriever
 
 QUERY = "Как заблокировать карту, если её украли?"
 
@@ -46,13 +46,16 @@ def main() -> None:
         while not args.stop.exists():
             try:
                 retriever.reload_if_changed()
-                info = retriever.info()
-                hits = retriever.search(QUERY, top_k=10_000)
+                index = retriever.index
+                try:
+                    result = index.search(QUERY, top_k=10_000)
+                except StaleIndexError:  # database mode: the store moved on during the search; reload
+                    continue
                 record = {
-                    "generation": info["store_generation"],
-                    "model_version": info["model_version"],
-                    "rows": info["rows"],
-                    "hits": [[h.template_id, h.answer] for h in hits],
+                    "generation": result.identity.store_generation,
+                    "model_version": result.identity.model_version,
+                    "rows": len(index),
+                    "hits": [[h.template_id, h.answer] for h in result.hits],
                 }
             except Exception as exc:  # every error is a finding: recorded, never hidden
                 record = {"error": f"{type(exc).__name__}: {exc}"}

@@ -73,7 +73,7 @@ def test_evaluate_prints_the_accuracy_a_direct_computation_gives(store_copy, tmp
 
 def test_row_labels_and_labels_naming_no_template(store_copy, tmp_path):
     retriever = TemplateRetriever.load(store_copy)
-    row_of = dict(zip(retriever.snapshot.columns["template_id"], retriever.snapshot.columns["source_row"]))
+    row_of = dict(zip(retriever.index.snapshot.columns["template_id"], retriever.index.snapshot.columns["source_row"]))
     queries = json.loads(SAMPLE_QUERIES.read_text())["validation_queries"][:6]
     by_row = [{**q, "correct_template_id": f"tmpl_{row_of[q['correct_template_id']] - 2:03d}"} for q in queries]
     rows_file = tmp_path / "rows.json"

@@ -29,9 +29,14 @@ VERSION = ModelVersion(key="e5-small-v1", provider="local", model="multilingual-
                        settings={"variant": "original"})
 
 
-@pytest.fixture(params=BACKENDS)
-def store_url(request) -> str:
-    return request.getfixturevalue(f"{request.param}_store_url")
+READERS = [(backend, "memory") for backend in BACKENDS] + [("postgres", "database")]
+
+
+@pytest.fixture(params=READERS, ids=[f"{backend}-{mode}" for backend, mode in READERS])
+def reader(request) -> tuple[str, str]:
+    """A store URL and the search mode of the reader process."""
+    backend, mode = request.param
+    return request.getfixturevalue(f"{backend}_store_url"), mode
 
 
 def vector_of(content_hash: str) -> np.ndarray:
@@ -87,7 +92,8 @@ def test_a_line_still_being_written_is_not_read(tmp_path: Path) -> None:
     assert complete_lines(tmp_path / "absent.jsonl") == []
 
 
-def test_a_reader_process_sees_only_whole_generations_during_100_publishes(store_url: str, tmp_path: Path) -> None:
+def test_a_reader_process_sees_only_whole_generations_during_100_publishes(reader, tmp_path: Path) -> None:
+    store_url, mode = reader
     states: dict[int, dict[str, str]] = {}
     sheet_iter = sheets()
     with open_store(store_url) as store:
@@ -95,7 +101,8 @@ def test_a_reader_process_sees_only_whole_generations_during_100_publishes(store
         states[publish(store, first)] = {t.template_id: t.answer for t in first}
         out, stop = tmp_path / "reader.jsonl", tmp_path / "stop"
         reader = subprocess.Popen(
-            [sys.executable, "-m", "embedding_assets_tests.reader_probe", store_url, str(out), str(stop)],
+            [sys.executable, "-m", "embedding_assets_tests.reader_probe", store_url, str(out), str(stop),
+             "--mode", mode],
             cwd=PROJECT_ROOT,
         )
         try:
@@ -132,7 +139,7 @@ def test_a_reader_process_sees_only_whole_generations_during_100_publishes(store
     assert generations[-1] == max(states)
     assert len(set(generations)) >= PUBLISHES // 2, f"the reader saw only generations {sorted(set(generations))}"
     record_figure(
-        f"concurrent readers ({store_url.split(':')[0]})",
+        f"concurrent readers ({store_url.split(':')[0]}, {mode} mode)",
         f"{PUBLISHES} publishes (adds, edits, deletes); a reader process made {len(seen)} searches over "
         f"{len(set(generations))} generations: errors 0, mixed generations 0, missing templates 0",
     )

@@ -19,8 +19,12 @@ from pathlib import Path
 import pytest
 
 from embedding_assets.retrieval import TemplateRetriever
+from embedding_assets.store import open_store
+from embedding_assets_tests import version_flips
 from embedding_assets_tests.conftest import read_rows, write_rows
 from embedding_assets_tests.pipeline import run_pipeline
+from embedding_assets_tests.reliability import record_figure
+from embedding_assets_tests.version_flips import VERSIONS, VersionFlipper
 
 CLI = str(Path(sys.executable).parent / "embedding-assets")
 QUERY = "забыла пин от карточки, банкомат не пускает"
@@ -30,11 +34,11 @@ RELOAD_INTERVAL = "0.2"
 class Service:
     """`embedding-assets serve` on a free port, in its own process group."""
 
-    def __init__(self, store: Path, tmp_path: Path):
+    def __init__(self, store: Path | str, tmp_path: Path, reload_interval: str = RELOAD_INTERVAL):
         self.log_path = tmp_path / "service.log"
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [CLI, "serve", "--store", str(store), "--port", "0", "--reload-interval", RELOAD_INTERVAL],
+            [CLI, "serve", "--store", str(store), "--port", "0", "--reload-interval", reload_interval],
             cwd=tmp_path, env={**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home")},
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -104,8 +108,8 @@ def hits(service: Service) -> list[dict]:
 def start_service(tmp_path):
     started: list[Service] = []
 
-    def start(store: Path) -> Service:
-        service = Service(store, tmp_path)
+    def start(store: Path | str, reload_interval: str = RELOAD_INTERVAL) -> Service:
+        service = Service(store, tmp_path, reload_interval)
         started.append(service)
         return service
 
@@ -159,7 +163,7 @@ def test_ready_search_and_openapi(running):
 
 def test_category_and_subcategory_filters(running):
     service, store_copy = running
-    snapshot = TemplateRetriever.load(store_copy).snapshot
+    snapshot = TemplateRetriever.load(store_copy).index.snapshot
     in_subcategory = [t for t in snapshot.templates if t.subcategory == "Блокировка и перевыпуск"]
 
     status, body = service.get("/search", query=QUERY, top_k=10, category="Кредиты")
@@ -274,3 +278,114 @@ def test_a_store_missing_at_start_is_not_ready_until_it_appears(first_run, start
     ready = service.wait_ready()
     assert (ready["rows"], ready["store_generation"]) == (90, 1)
     assert service.get("/search", query=QUERY, top_k=1)[0] == 200
+
+
+def _ids(service: Service) -> set[str]:
+    status, body = service.get("/search", query=version_flips.QUERY, top_k=50)
+    assert status == 200, body
+    return {h["template_id"] for h in body["hits"]}
+
+
+def _build(store: Path, prefix: str, publishes: int) -> str:
+    """A new store holding `prefix`'s templates after `publishes` publishes; its store id."""
+    with open_store(store) as opened:
+        for edit in range(publishes):
+            version_flips.publish(opened, VERSIONS["P"], version_flips.sheet(prefix, edit))
+        return opened.state().store_id
+
+
+def _wait_for_ids(service: Service, ids: set[str], timeout: float) -> float:
+    """Seconds until a search answers with exactly `ids`, polling every 20 ms; fails after `timeout`."""
+    started = time.monotonic()
+    while _ids(service) != ids:
+        assert time.monotonic() - started < timeout, f"still serving other rows after {timeout} s:\n{service.log()}"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_a_store_replaced_at_the_same_generation_is_served_within_2_seconds(start_service, tmp_path):
+    store = tmp_path / "replaced.db"
+    first_id = _build(store, "P", 3)
+    service = start_service(store, reload_interval="0.5")
+    assert service.wait_ready()["store_generation"] == 3
+    assert _ids(service) == {f"P-{n}" for n in range(1, version_flips.TEMPLATES + 1)}
+
+    for path in (store, Path(f"{store}-wal"), Path(f"{store}-shm")):
+        path.unlink(missing_ok=True)
+    second_id = _build(store, "Q", 3)
+    seconds = _wait_for_ids(service, {f"Q-{n}" for n in range(1, version_flips.TEMPLATES + 1)}, timeout=5)
+
+    assert second_id != first_id
+    assert seconds < 2.0
+    ready = service.wait_ready()
+    assert (ready["store_id"], ready["store_generation"]) == (second_id, 3)
+    assert "the store was replaced (new store identity); loading it" in service.log()
+    record_figure("replaced store", f"served the rebuilt store's rows {seconds:.2f} s after it was rebuilt "
+                                    "(reload interval 0.5 s, same generation number)")
+
+
+def test_a_store_whose_generation_goes_back_is_reloaded_and_logged(start_service, tmp_path):
+    store = tmp_path / "restored.db"
+    _build(store, "P", 1)
+    older = tmp_path / "older.db"
+    shutil.copyfile(store, older)
+    with open_store(store) as opened:  # generation 2: the same ids, other answers; then a third id set
+        version_flips.publish(opened, VERSIONS["P"], version_flips.sheet("P", 1)[:5])
+    service = start_service(store, reload_interval="0.2")
+    assert service.wait_ready()["store_generation"] == 2
+    assert _ids(service) == {f"P-{n}" for n in range(1, 6)}
+
+    shutil.copyfile(older, store)  # what losing the newest publish (e.g. a deleted -wal file) leaves behind
+    _wait_for_ids(service, {f"P-{n}" for n in range(1, version_flips.TEMPLATES + 1)}, timeout=10)
+
+    assert service.wait_ready()["store_generation"] == 1
+    assert "the store's generation went back from 2 to 1; loading what it holds now" in service.log()
+
+
+def test_1500_requests_from_16_clients_during_6_promotes_all_match_their_hits(start_service, tmp_path):
+    store = tmp_path / "flips.db"
+    with open_store(store) as opened:
+        flipper = VersionFlipper(opened)
+        service = start_service(store, reload_interval="0.05")
+        service.wait_ready()
+        requests, clients, promotes = 1500, 16, 6
+        responses: list[tuple[str, int, list]] = []
+        failures: list[object] = []
+        remaining = iter(range(requests))
+        lock = threading.Lock()
+
+        def client() -> None:
+            while True:
+                with lock:
+                    if next(remaining, None) is None:
+                        return
+                status, body = service.get("/search", query=version_flips.QUERY, top_k=50)
+                if status != 200:
+                    failures.append((status, body))
+                    continue
+                hits = [(h["template_id"], h["answer"]) for h in body["hits"]]
+                responses.append((body["model_version"], body["store_generation"], hits))
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for edit in range(1, promotes + 1):
+            while len(responses) < edit * requests // (promotes + 1) and any(t.is_alive() for t in threads):
+                time.sleep(0.01)
+            flipper.flip(edit)
+        for thread in threads:
+            thread.join(timeout=300)
+
+    disagreeing = [(v, g) for v, g, hits in responses if flipper.disagreeing(v, g, hits)]
+    versions = {v for v, _, _ in responses}
+    generations = {g for _, g, _ in responses}
+    assert failures == []
+    assert len(responses) == requests
+    assert disagreeing == []
+    assert versions == {"ids-p", "ids-q"}
+    assert len(generations) >= 2
+    record_figure(
+        "one response, one index",
+        f"{requests} requests from {clients} clients during {promotes} promotes: {len(disagreeing)} responses "
+        f"whose version/generation disagree with their hits ({len(generations)} generations served)",
+    )

@@ -182,7 +182,7 @@ def test_second_version_builds_beside_the_first_which_stays_current_until_promot
 def test_a_reader_sees_one_version_at_a_time_while_another_is_built_and_promoted(two_versions) -> None:
     store, _, env = two_versions
     retriever = TemplateRetriever.load(store)
-    expected_ids = {t.template_id for t in retriever._index.snapshot.templates}
+    expected_ids = {t.template_id for t in retriever.index.snapshot.templates}
     seen: list[tuple[str, int, int]] = []
     errors: list[BaseException] = []
     stop = threading.Event()
@@ -191,7 +191,7 @@ def test_a_reader_sees_one_version_at_a_time_while_another_is_built_and_promoted
         while not stop.is_set():
             try:
                 retriever.reload_if_changed()
-                snapshot = retriever._index.snapshot
+                snapshot = retriever.index.snapshot
                 hits = retriever.search("Как заблокировать карту?", top_k=3)
                 assert {t.template_id for t in snapshot.templates} == expected_ids
                 assert len(hits) == 3
@@ -230,7 +230,7 @@ def test_changed_settings_under_an_old_key_stop_the_run_until_forced(two_version
 
     assert stopped.returncode == 1
     assert f"model version '{KEY}' was published with different settings" in stopped.stderr
-    assert "model=multilingual-e5-small" in stopped.stderr and "model=multilingual-e5-base" in stopped.stderr
+    assert "model differs (stored 'multilingual-e5-small', configured 'multilingual-e5-base')" in stopped.stderr
     assert "Declare a new model version key for new settings, or rebuild this one with --force" in stopped.stderr
     assert store.read_bytes() == before
 

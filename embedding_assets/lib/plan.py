@@ -23,10 +23,12 @@ class StoredTemplate:
     source_row: int
 
     def same_fields(self, item: HashedTemplate) -> bool:
-        t = item.template
-        return (self.category, self.subcategory, self.question, self.answer, self.priority, self.audience,
-                self.source_row) == (t.category, t.subcategory, t.question, t.answer, t.priority, t.audience,
-                                     t.source_row)
+        """Whether every field but the id and the content hash equals the template's."""
+        return all(getattr(self, name) == getattr(item.template, name) for name in EDITABLE_FIELDS)
+
+
+EDITABLE_FIELDS = tuple(StoredTemplate.__dataclass_fields__)[2:]
+"""The fields a template can change without changing its vector's identity (all but id and hash)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class ChangePlan:
     metadata_updated: list[HashedTemplate] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     rebuild: bool = False
+    base: Mapping[str, StoredTemplate] | None = field(default=None, compare=False, repr=False)
+    """The published templates the plan was made against (lets a publish rebase a stale plan safely)."""
 
     @property
     def has_changes(self) -> bool:
@@ -49,6 +53,11 @@ class ChangePlan:
     @property
     def target_rows(self) -> int:
         return len(self.new) + len(self.modified) + len(self.unchanged)
+
+    @property
+    def templates(self) -> list[HashedTemplate]:
+        """Every template the plan was made from: what the version should hold once published."""
+        return [*self.new, *self.modified, *self.unchanged]
 
     def texts_to_embed(self) -> dict[str, str]:
         """Unique texts of new and modified templates, by content hash."""
@@ -88,4 +97,6 @@ def build_change_plan(
                 metadata_updated.append(item)
     current_ids = {item.template_id for item in current}
     deleted = sorted(tid for tid in published if tid not in current_ids)
-    return ChangePlan(model_version, base_generation, new, modified, unchanged, metadata_updated, deleted)
+    return ChangePlan(
+        model_version, base_generation, new, modified, unchanged, metadata_updated, deleted, base=published
+    )

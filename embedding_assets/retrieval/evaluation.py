@@ -166,11 +166,12 @@ def label_mode_for(labels: Sequence[str], template_ids: set[str]) -> str:
 
 def evaluate(retriever: TemplateRetriever, queries: Sequence[LabelledQuery], *, queries_file: str = "",
              label_mode: str = "auto") -> Evaluation:
-    """Rank every template for every query and record where the labelled one landed."""
-    snapshot = retriever.snapshot
-    ids = list(snapshot.columns["template_id"])
+    """Rank every template for every query on one index (one store generation) and record where the label landed."""
+    index = retriever.index
+    templates = index.templates()
+    ids = [t.template_id for t in templates]
     position_by_id = {tid: i for i, tid in enumerate(ids)}
-    position_by_row = {row: i for i, row in enumerate(snapshot.columns["source_row"])}
+    position_by_row = {t.source_row: i for i, t in enumerate(templates)}
     if label_mode == "auto":
         label_mode = label_mode_for([q.label for q in queries], set(ids))
     outcomes = []
@@ -180,8 +181,8 @@ def evaluate(retriever: TemplateRetriever, queries: Sequence[LabelledQuery], *, 
             position = position_by_row.get(int(match.group(1)) + FIRST_DATA_ROW) if match else None
         else:
             position = position_by_id.get(q.label)
-        hits = retriever.search(q.query, top_k=len(ids))
-        expected = snapshot.template(position) if position is not None else None
+        hits = index.search(q.query, top_k=len(ids))
+        expected = templates[position] if position is not None else None
         rank = next((h.rank for h in hits if expected and h.template_id == expected.template_id), None)
         note = None
         if expected and q.subcategory and q.subcategory != expected.subcategory:
@@ -196,6 +197,6 @@ def evaluate(retriever: TemplateRetriever, queries: Sequence[LabelledQuery], *, 
             )
         )
     return Evaluation(
-        queries_file=queries_file, label_mode=label_mode, model_version=snapshot.version.key,
+        queries_file=queries_file, label_mode=label_mode, model_version=index.identity.model_version,
         templates=len(ids), outcomes=outcomes,
     )

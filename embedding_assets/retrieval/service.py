@@ -25,7 +25,7 @@ from swagger_ui_bundle import swagger_ui_path
 from embedding_assets.lib.embedders import EmbeddingError
 from embedding_assets.lib.openai_embedder import RETRYABLE_STATUSES
 from embedding_assets.lib.redaction import redact
-from embedding_assets.retrieval import TemplateRetriever
+from embedding_assets.retrieval import IndexIdentity, TemplateRetriever
 from embedding_assets.settings import MAX_QUERY_CHARS
 from embedding_assets.store import PostgresAddress, StoreError, parse_store_url, redact_url
 
@@ -73,17 +73,18 @@ class Hit(BaseModel):
 
 class SearchResponse(BaseModel):
     query: str
-    model_version: str
-    store_generation: int
+    model_version: str = Field(description="The model version whose index ranked the hits.")
+    store_id: str = Field(description="The identity of the store the hits were read from.")
+    store_generation: int = Field(description="The store generation the hits were read from.")
     took_ms: float
     hits: list[Hit]
 
 
 class RetrieverHolder:
-    """Owns the current retriever: loads it, polls the store for a new generation, reports readiness.
+    """Owns the current retriever: loads it, polls the store for a new identity or generation, reports readiness.
 
-    Searches read `retriever` once per request; a reload replaces it with a fully built one, so a
-    request in flight finishes on the copy it started with.
+    A reload swaps a fully built index into the retriever; each search ranks on one index and answers
+    with that index's identity, so a request in flight finishes on, and reports, the copy it started with.
     """
 
     def __init__(
@@ -107,7 +108,7 @@ class RetrieverHolder:
         self._thread: threading.Thread | None = None
 
     def refresh(self) -> None:
-        """Load the store if nothing is loaded yet, else reload it when its generation moved on."""
+        """Load the store if nothing is loaded yet, else reload it when its identity or generation changed."""
         try:
             if self.retriever is None:
                 started = time.perf_counter()
@@ -120,9 +121,10 @@ class RetrieverHolder:
                     info["model_version"], info["loaded_rows"], info["store_generation"],
                     (time.perf_counter() - started) * 1000,
                 )
-            elif self.retriever.reload_if_changed():
-                info = self.retriever.info()
-                log.info("reloaded: %d templates at store generation %d", info["loaded_rows"], info["store_generation"])
+            else:
+                before = self.retriever.index.identity
+                if self.retriever.reload_if_changed():
+                    self._log_reload(before, self.retriever.info())
         except Exception as exc:  # any failure to read the store leaves the last good copy serving
             message = redact(f"{type(exc).__name__}: {exc}", self.secrets)
             if message != self.problem:
@@ -137,6 +139,17 @@ class RetrieverHolder:
         if self.problem is not None:
             log.info("store readable again")
             self.problem = None
+
+    @staticmethod
+    def _log_reload(before: IndexIdentity, info: dict) -> None:
+        if info["store_id"] != before.store_id:
+            log.warning("the store was replaced (new store identity); loading it")
+        elif info["store_generation"] < before.store_generation:
+            log.warning(
+                "the store's generation went back from %d to %d; loading what it holds now",
+                before.store_generation, info["store_generation"],
+            )
+        log.info("reloaded: %d templates at store generation %d", info["loaded_rows"], info["store_generation"])
 
     def _poll(self) -> None:
         while not self._stop.wait(self.reload_interval):
@@ -168,6 +181,7 @@ class RetrieverHolder:
             "model_version": info["model_version"],
             "provider": info["provider"],
             "model": info["model"],
+            "store_id": info["store_id"],
             "store_generation": info["store_generation"],
             "rows": info["loaded_rows"],
             "loaded_at": info["loaded_at"],
@@ -289,19 +303,19 @@ def create_app(holder: RetrieverHolder, search_timeout: float = SEARCH_TIMEOUT_S
             return _error(503, "not ready", holder.problem or "the store is still loading")
         started = time.perf_counter()
         try:
-            hits = retriever.search(request.query, request.top_k, request.category, request.subcategory)
+            result = retriever.search(request.query, request.top_k, request.category, request.subcategory)
         except EmbeddingError as exc:
             log.warning("search failed: %s", redact(str(exc), holder.secrets))
             return _embedding_failure(exc)
         except ValueError as exc:
             return _error(400, "bad request", str(exc))
-        info = retriever.info()
         return SearchResponse(
             query=request.query,
-            model_version=info["model_version"],
-            store_generation=info["store_generation"],
+            model_version=result.identity.model_version,
+            store_id=result.identity.store_id,
+            store_generation=result.identity.store_generation,
             took_ms=round((time.perf_counter() - started) * 1000, 3),
-            hits=[Hit(**h.as_dict()) for h in hits],
+            hits=[Hit(**h.as_dict()) for h in result.hits],
         )
 
     async def bounded_search(request: SearchRequest) -> SearchResponse | JSONResponse:
