@@ -277,7 +277,7 @@ class SqliteStore(PublishingStore):
             self._conn.execute("PRAGMA foreign_keys = ON")
             self._ensure_schema(create)
         except sqlite3.Error as exc:
-            raise self._error(exc, "is not a readable embedding store") from exc
+            raise self._error(exc, opening=True) from exc
 
     def _connect(self, create: bool) -> sqlite3.Connection:
         options = dict(isolation_level=None, timeout=self.busy_timeout, check_same_thread=False)
@@ -290,7 +290,7 @@ class SqliteStore(PublishingStore):
             uri += "&immutable=1"
         return sqlite3.connect(uri, uri=True, **options)
 
-    def _error(self, exc: sqlite3.Error, damaged: str = "cannot read the store") -> StoreError:
+    def _error(self, exc: sqlite3.Error, *, opening: bool = False) -> StoreError:
         """The store error an SQLite error means, naming the file and the cause."""
         path, code = self.path, _error_code(exc)
         if code in _LOCKED:
@@ -304,9 +304,9 @@ class SqliteStore(PublishingStore):
             return StoreReadOnlyError(f"{path} cannot be written ({exc})")
         if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_AUTH):
             return StoreError(f"{path}: cannot open or read the store file ({exc})")
-        if damaged == "is not a readable embedding store":
-            return StoreCorruptError(f"{path} {damaged} ({exc})")
-        return StoreCorruptError(f"{path}: {damaged} ({exc})")
+        if opening:
+            return StoreCorruptError(f"{path} is not a readable embedding store ({exc})")
+        return StoreCorruptError(f"{path}: cannot read the store ({exc})")
 
     def _ensure_schema(self, create: bool) -> None:
         tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
