@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from embedding_assets.store import DEFAULT_STORE_URL
@@ -49,6 +50,33 @@ def verify_cron() -> str:
 
 def verify_timezone() -> str:
     return os.environ.get(VERIFY_TIMEZONE_VAR, DEFAULT_VERIFY_TIMEZONE)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the Dagster definitions take from the environment, read once by their entry point."""
+
+    faq_path: str
+    store_url: str
+    store_url_from_environment: bool
+    model_versions_path: str
+    validation_queries_path: str
+    sensor_interval_seconds: int
+    verify_cron: str
+    verify_timezone: str
+
+    @classmethod
+    def from_environment(cls) -> Settings:
+        return cls(
+            faq_path=faq_path(),
+            store_url=store_url(),
+            store_url_from_environment=STORE_VAR in os.environ,
+            model_versions_path=model_versions_path(),
+            validation_queries_path=validation_queries_path(),
+            sensor_interval_seconds=sensor_interval_seconds(),
+            verify_cron=verify_cron(),
+            verify_timezone=verify_timezone(),
+        )
 
 
 def dagster_home() -> Path:
