@@ -12,8 +12,8 @@ from embedding_assets.defs.io_managers import EmbeddingStoreIOManager, read_vers
 from embedding_assets.lib.hashing import hash_templates
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.version_table import VersionTable
-from embedding_assets.store import StalePlanError, open_store
-from embedding_assets_tests.conftest import make_template, read_rows, write_rows, SAMPLE_FAQ
+from embedding_assets.store import StalePlanError, StoreError, open_store
+from embedding_assets_tests.conftest import SAMPLE_FAQ, make_template, read_rows, write_rows
 from embedding_assets_tests.pipeline import run_pipeline
 
 DIMENSION = 8
@@ -33,14 +33,16 @@ def vector(seed: str) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def table(key: str, count: int, *, edited: int | None = None, embedded: set[int] | None = None) -> VersionTable:
+def table(
+    key: str, count: int, *, edited: int | None = None, embedded: set[int] | None = None, base: int | None = None
+) -> VersionTable:
     """`count` templates; `edited` gets another answer; vectors only for the `embedded` ones (default: all)."""
     templates = [make_template(n, answer=f"Другой ответ {n}." if n == edited else f"Ответ номер {n}.")
                  for n in range(1, count + 1)]
     hashed = tuple(hash_templates(templates, VERSIONS[key].text_template))
     chosen = set(range(1, count + 1)) if embedded is None else embedded
     vectors = {h.template_id: vector(h.content_hash) for h in hashed if int(h.template_id.split("-")[1]) in chosen}
-    return VersionTable(version=VERSIONS[key], templates=hashed, vectors=vectors)
+    return VersionTable(version=VERSIONS[key], templates=hashed, vectors=vectors, base_generation=base)
 
 
 def store_asset(value: VersionTable | None) -> dg.AssetsDefinition:
@@ -97,7 +99,7 @@ def test_partition_a_then_b_then_a_again_replaces_a_and_never_duplicates(store_u
     assert rows_by_version(store_url) == {"a": 5, "b": 3}
 
     # "a" again: one answer edited, one template dropped; only the edited row carries a vector
-    again = materialize(store_url, "a", table("a", 4, edited=2, embedded={2}))
+    again = materialize(store_url, "a", table("a", 4, edited=2, embedded={2}, base=first["generation"]))
     assert (again["rows"], again["upserted"], again["deleted"], again["metadata_updated"]) == (4, 1, 1, 0)
     assert rows_by_version(store_url) == {"a": 4, "b": 3}
 
@@ -118,21 +120,45 @@ def test_an_unchanged_table_is_not_written_at_all(store_url):
     materialize(store_url, "a", table("a", 3))
     with open_store(store_url) as store:
         generation = store.generation()
-    same = materialize(store_url, "a", table("a", 3, embedded=set()))
+    same = materialize(store_url, "a", table("a", 3, embedded=set(), base=generation))
     assert (same["published"], same["upserted"], same["generation"]) == (False, 0, generation)
     with open_store(store_url) as store:
         assert store.generation() == generation
 
 
-def test_a_changed_row_without_a_vector_takes_it_from_the_cache_or_fails_naming_it(store_url):
-    materialize(store_url, "a", table("a", 3, edited=1))
+def test_a_table_planned_before_another_run_published_the_same_content_writes_nothing(store_url):
+    materialize(store_url, "a", table("a", 3))
+    edited = table("a", 3, edited=1, embedded={1}, base=1)
+    materialize(store_url, "a", edited)  # the first of two runs after the same edit
     with open_store(store_url) as store:
-        store.cache(VERSIONS["a"]).put({t.content_hash: vector(t.content_hash) for t in table("a", 3).templates})
-        # the original text of T-1 is cached: a run that planned before the edit was published still writes
-        assert write_version_table(store, table("a", 3, embedded=set())).plan.counts()["modified"] == 1
-        with pytest.raises(StalePlanError, match=r"1 template\(s\) have no vector \(T-2\); run the pipeline again"):
-            write_version_table(store, table("a", 3, edited=2, embedded=set()))
+        late = write_version_table(store, edited)  # the second, planned against generation 1 too
+        assert (late.result.changed, late.result.generation) == (False, 2)
+        assert store.generation() == 2
+
+
+def test_a_table_planned_before_another_run_published_other_content_is_refused_naming_it(store_url):
+    materialize(store_url, "a", table("a", 3))
+    materialize(store_url, "a", table("a", 3, edited=1, embedded={1}, base=1))
+    older = table("a", 3, edited=2, embedded={2}, base=1)
+    with open_store(store_url) as store:
+        with pytest.raises(StalePlanError) as refused:
+            write_version_table(store, older)
+        assert str(refused.value) == (
+            "model version 'a': another run published generation 2 after this run planned against generation 1, "
+            "with other content (2 template(s) differ: T-1, T-2); run the pipeline again (texts already embedded "
+            "are cached and are not paid for again)"
+        )
+        assert store.generation() == 2
+    assert_same_table(load(store_url, "a"), table("a", 3, edited=1))
+
+
+def test_a_changed_row_without_a_vector_is_refused_before_anything_is_written(store_url):
+    materialize(store_url, "a", table("a", 3))
+    with open_store(store_url) as store:
+        with pytest.raises(StoreError, match=r"^model version 'a': no vector for 1 changed template\(s\): T-2$"):
+            write_version_table(store, table("a", 3, edited=2, embedded=set(), base=1))
         assert read_version_table(store, "a").template_ids == ["T-1", "T-2", "T-3"]
+        assert store.generation() == 1
 
 
 def test_the_real_chain_materializes_a_then_b_then_a_with_exact_rows(store_url, tmp_path):

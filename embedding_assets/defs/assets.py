@@ -179,6 +179,7 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
             version=version,
             templates=tuple(current),
             vectors={i.template_id: template_embeddings[i.content_hash] for i in current if i.template_id in embedded},
+            base_generation=change_plan.base_generation,
             rebuild=change_plan.rebuild,
         )
 

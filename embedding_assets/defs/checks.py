@@ -1,3 +1,5 @@
+import warnings
+
 import dagster as dg
 
 from embedding_assets.defs.assets import faq_templates
@@ -41,8 +43,13 @@ def faq_content(faq_templates: list[Template], faq: FaqWorkbook, store: StoreRes
 
 
 def build_store_checks(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetChecksDefinition]:
-    """The per-model-version checks of the published store."""
+    """The per-model-version checks of the published store (partitioned checks: a preview feature, pinned)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=dg.PreviewWarning, message="Specifying a partitions_def")
+        return _store_checks(partitions_def)
 
+
+def _store_checks(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetChecksDefinition]:
     @dg.asset_check(asset="embedding_store", partitions_def=partitions_def)
     def store_matches_faq(
         context: dg.AssetCheckExecutionContext, embedding_store: VersionTable, faq: FaqWorkbook, models: ModelCatalog

@@ -15,7 +15,7 @@ from embedding_assets.lib.hashing import HashedTemplate, render_text
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import ChangePlan
 from embedding_assets.lib.verification import StoreReport, compare_table, unhealthy_vector_ids
-from embedding_assets.lib.version_table import VersionTable
+from embedding_assets.lib.version_table import MissingVectorsError, VersionTable
 from embedding_assets.store import (
     EmbeddingStore,
     ModelVersionMismatchError,
@@ -51,7 +51,9 @@ def read_version_table(store: EmbeddingStore, key: str) -> VersionTable | None:
         )
         templates.append(HashedTemplate(template, render_text(template, version.text_template), stored.content_hash))
     vectors = dict(zip(snapshot.columns["template_id"], snapshot.matrix))
-    return VersionTable(version=version, templates=tuple(templates), vectors=vectors)
+    return VersionTable(
+        version=version, templates=tuple(templates), vectors=vectors, base_generation=snapshot.version.generation
+    )
 
 
 @dataclass(frozen=True)
@@ -65,35 +67,34 @@ class TableWrite:
 def write_version_table(store: EmbeddingStore, table: VersionTable) -> TableWrite:
     """Publish only the table's difference from the stored slice, in one transaction.
 
-    The difference is taken against the slice as it is now, so a run that planned before another run
-    published still writes only what differs; vectors it lacks come from the content-addressed cache.
+    A table derived from an older generation of the slice is written only when it equals the slice
+    (another run published the same content: nothing to do); otherwise it would undo that run's publish.
     """
     version = table.version
-    for attempt in (1, 2):
-        stored, published = store.published(version.key)
-        if stored is not None and stored.fingerprint != version.fingerprint() and not table.rebuild:
-            raise ModelVersionMismatchError(mismatch_message(version, stored))
-        plan = table.changes(published, stored.generation if stored else None)
-        if stored is not None and not plan.has_changes:
-            unchanged = PublishResult(version.key, stored.generation, stored.rows, False, stored.is_current, 0.0)
-            return TableWrite(plan, unchanged)
+    stored, published = store.published(version.key)
+    if stored is not None and stored.fingerprint != version.fingerprint() and not table.rebuild:
+        raise ModelVersionMismatchError(mismatch_message(version, stored))
+    generation = stored.generation if stored else None
+    stale = generation != table.base_generation and not table.rebuild
+    plan = table.changes(published, rewrite_carried=not stale)
+    if stored is not None and not plan.has_changes:
+        return TableWrite(plan, PublishResult(version.key, stored.generation, stored.rows, False, stored.is_current, 0.0))
+    if stale:
+        raise StalePlanError(
+            f"model version {version.key!r}: another run published generation {generation} after this run planned "
+            f"against generation {table.base_generation}, with other content ({_listed_changes(plan)}); run the "
+            "pipeline again (texts already embedded are cached and are not paid for again)"
+        )
+    try:
         vectors = table.vectors_by_hash(plan)
-        lacking = sorted({i.content_hash for i in (*plan.new, *plan.modified)} - set(vectors))
-        if lacking:
-            vectors.update(store.cache(version).get(lacking))
-            still = sorted(i.template_id for i in (*plan.new, *plan.modified) if i.content_hash not in vectors)
-            if still:
-                raise StalePlanError(
-                    f"model version {version.key!r}: the store changed after this run planned (now generation "
-                    f"{stored.generation if stored else 0}) and {len(still)} template(s) have no vector "
-                    f"({', '.join(still[:10])}); run the pipeline again"
-                )
-        try:
-            return TableWrite(plan, store.publish(version, plan, vectors))
-        except StalePlanError:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    except MissingVectorsError as exc:
+        raise StoreError(str(exc)) from exc
+    return TableWrite(plan, store.publish(version, plan, vectors))
+
+
+def _listed_changes(plan: ChangePlan) -> str:
+    ids = [i.template_id for i in (*plan.new, *plan.modified, *plan.metadata_updated)] + plan.deleted
+    return f"{len(ids)} template(s) differ: {', '.join(sorted(ids)[:5])}{', …' if len(ids) > 5 else ''}"
 
 
 def verify_published(store: EmbeddingStore, version: ModelVersion, templates: Sequence[Template]) -> StoreReport:

@@ -27,11 +27,13 @@ class VersionTable:
 
     Written to the store, the table replaces the version's slice; `vectors` needs only the rows whose
     text the slice does not hold yet, and every vector given is written. Read from the store, it has all.
+    `base_generation` is the version's generation the table was derived from (None: not published then).
     """
 
     version: ModelVersion
     templates: tuple[HashedTemplate, ...]
     vectors: Mapping[str, np.ndarray] = field(default_factory=dict)
+    base_generation: int | None = None
     rebuild: bool = False
 
     def __len__(self) -> int:
@@ -49,13 +51,13 @@ class VersionTable:
         rows = [np.asarray(self.vectors[t.template_id], dtype=np.float32) for t in self.templates]
         return np.stack(rows) if rows else np.empty((0, self.version.dimension), dtype=np.float32)
 
-    def changes(self, published: Mapping[str, StoredTemplate], generation: int | None) -> ChangePlan:
-        """What writing this table over the given published slice changes (rows carrying a vector are rewritten)."""
+    def changes(self, published: Mapping[str, StoredTemplate], *, rewrite_carried: bool = True) -> ChangePlan:
+        """What writing this table over a published slice changes; rows carrying a vector are rewritten unless told not."""
         plan = build_change_plan(
-            list(self.templates), published, model_version=self.version.key, base_generation=generation,
+            list(self.templates), published, model_version=self.version.key, base_generation=self.base_generation,
             rebuild=self.rebuild,
         )
-        rewritten = [i for i in plan.unchanged if i.template_id in self.vectors]
+        rewritten = [i for i in plan.unchanged if i.template_id in self.vectors] if rewrite_carried else []
         if not rewritten:
             return plan
         ids = {i.template_id for i in rewritten}
@@ -68,5 +70,8 @@ class VersionTable:
 
     def vectors_by_hash(self, plan: ChangePlan) -> dict[str, np.ndarray]:
         """The vectors a plan writes, keyed by content hash as the store takes them."""
-        return {i.content_hash: self.vectors[i.template_id] for i in (*plan.new, *plan.modified)
-                if i.template_id in self.vectors}
+        changed = (*plan.new, *plan.modified)
+        missing = sorted(i.template_id for i in changed if i.template_id not in self.vectors)
+        if missing:
+            raise MissingVectorsError(self.version.key, missing)
+        return {i.content_hash: self.vectors[i.template_id] for i in changed}
