@@ -21,8 +21,10 @@ from embedding_assets.store import (
     StoreError,
     StoreNotFoundError,
     StoreSnapshot,
+    StoreState,
     open_store,
     redact_url,
+    sqlite_path,
 )
 from embedding_assets.store.base import mismatch_message
 from embedding_assets_tests.conftest import make_template
@@ -247,8 +249,9 @@ def test_stale_plan_is_refused_and_nothing_changes(store) -> None:
     with pytest.raises(StalePlanError) as exc_info:
         store.publish(V4, stale, vectors_for(stale, {"T-11": vector_for(11)}))
     assert str(exc_info.value) == (
-        "model version 'mini-v1' was published (generation 2) after this change plan was made "
-        "(generation 1); run the pipeline again"
+        "model version 'mini-v1': another run published generation 2 after this change plan was made "
+        "(generation 1) and changed 1 template(s) differently (T-10); run the pipeline again "
+        "(texts already embedded are cached and are not paid for again)"
     )
     assert_same_snapshot(before, store.snapshot())
     assert store.generation() == 2
@@ -378,3 +381,116 @@ def test_concurrent_publishers_from_one_base_one_wins(store_url: str) -> None:
     with open_store(store_url) as store:
         assert store.generation() == 2
         assert len(store.snapshot()) == 11
+
+
+def test_store_identity_is_created_with_the_store_and_kept(store_url: str) -> None:
+    with open_store(store_url) as store:
+        created = store.state()
+        assert len(created.store_id) == 32 and int(created.store_id, 16) >= 0
+        assert created == StoreState(created.store_id, 0)
+        publish(store, V4, TEN, TEN_VECTORS)
+        assert store.state() == StoreState(created.store_id, 1)
+        snapshot = store.snapshot()
+        assert (snapshot.store_id, snapshot.state) == (created.store_id, StoreState(created.store_id, 1))
+    with open_store(store_url, create=False) as reopened:
+        assert reopened.state() == StoreState(created.store_id, 1)
+
+
+def test_a_replaced_store_at_the_same_generation_has_another_identity(store_url: str) -> None:
+    with open_store(store_url) as store:
+        publish(store, V4, TEN, TEN_VECTORS)
+        before = store.snapshot().state
+    drop_store(store_url)
+    with open_store(store_url) as rebuilt:
+        publish(rebuilt, V4, TEN[:3], TEN_VECTORS)
+        after = rebuilt.snapshot().state
+    assert after.generation == before.generation == 1
+    assert after.store_id != before.store_id
+
+
+def test_a_store_made_before_identities_gets_one_on_its_first_write_open(store_url: str) -> None:
+    with open_store(store_url) as store:
+        publish(store, V4, TEN, TEN_VECTORS)
+        execute(store, "DELETE FROM {meta} WHERE key = 'store_id'")
+    with open_store(store_url, create=False) as reader:
+        assert reader.state() == StoreState("", 1)
+    with open_store(store_url) as writer:
+        first = writer.state()
+    with open_store(store_url) as writer:
+        assert writer.state() == first
+    assert len(first.store_id) == 32 and first.generation == 1
+
+
+def execute(store, statement: str) -> None:
+    """Run one statement straight on the backend ({meta} names the store_meta table)."""
+    if isinstance(store, SqliteStore):
+        store._conn.execute(statement.format(meta="store_meta"))
+        return
+    with store._transaction() as cur:
+        cur.execute(store._sql(statement.replace("{meta}", "{schema}.store_meta")))
+
+
+def drop_store(store_url: str) -> None:
+    """Delete the store entirely (the file and its companions, or the schema)."""
+    path = sqlite_path(store_url) if store_url.startswith("sqlite") else None
+    if path is not None:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return
+    with open_store(store_url) as store:
+        with store._transaction() as cur:
+            cur.execute(store._sql("DROP SCHEMA {schema} CASCADE"))
+
+
+def edited(templates: list[Template], ids: set[str], tag: str = "правка") -> list[Template]:
+    return [replace(t, answer=f"{t.answer} [{tag}]") if t.template_id in ids else t for t in templates]
+
+
+def test_a_stale_plan_of_the_same_edit_is_rebased_to_a_no_op(store) -> None:
+    publish(store, V4, TEN, TEN_VECTORS)
+    faq = edited(TEN, {"T-2", "T-5", "T-9"})
+    first, second = plan_for(store, V4, faq), plan_for(store, V4, faq)
+    new_vectors = {f"T-{n}": vector_for(n, salt=5) for n in (2, 5, 9)}
+    assert store.publish(V4, first, vectors_for(first, new_vectors)).generation == 2
+    before = store.snapshot()
+
+    again = store.publish(V4, second, vectors_for(second, new_vectors))
+
+    assert (again.generation, again.rows, again.changed) == (2, 10, False)
+    assert_same_snapshot(before, store.snapshot())
+    assert raw_row_count(store, V4.key) == 10
+
+
+def test_a_stale_plan_that_contains_the_other_runs_changes_is_rebased_and_applies_the_rest(store) -> None:
+    publish(store, V4, TEN, TEN_VECTORS)
+    older_faq = edited(TEN, {"T-2"})
+    newer_faq = [*edited(TEN, {"T-2", "T-3"}), make_template(11)]
+    older, newer = plan_for(store, V4, older_faq), plan_for(store, V4, newer_faq)
+    by_id = {"T-2": vector_for(2, salt=5), "T-3": vector_for(3, salt=5), "T-11": vector_for(11)}
+    store.publish(V4, older, vectors_for(older, by_id))
+
+    result = store.publish(V4, newer, vectors_for(newer, by_id))
+
+    assert (result.generation, result.rows, result.changed) == (3, 11, True)
+    snapshot = store.snapshot()
+    assert snapshot.templates == [stored(t) for t in sorted(newer_faq, key=lambda t: t.template_id)]
+    expected = {**TEN_VECTORS, **by_id}
+    np.testing.assert_array_equal(snapshot.matrix, np.stack([expected[t.template_id] for t in snapshot.templates]))
+
+
+def test_a_stale_plan_that_would_undo_another_runs_edit_is_refused(store) -> None:
+    publish(store, V4, TEN, TEN_VECTORS)
+    older_faq, newer_faq = edited(TEN, {"T-4"}), edited(TEN, {"T-4"}, tag="вторая правка")
+    older, newer = plan_for(store, V4, older_faq), plan_for(store, V4, newer_faq)
+    store.publish(V4, newer, vectors_for(newer, {"T-4": vector_for(4, salt=9)}))
+    before = store.snapshot()
+
+    with pytest.raises(StalePlanError) as exc_info:
+        store.publish(V4, older, vectors_for(older, {"T-4": vector_for(4, salt=8)}))
+
+    assert str(exc_info.value) == (
+        "model version 'mini-v1': another run published generation 2 after this change plan was made "
+        "(generation 1) and changed 1 template(s) differently (T-4); run the pipeline again "
+        "(texts already embedded are cached and are not paid for again)"
+    )
+    assert_same_snapshot(before, store.snapshot())

@@ -41,6 +41,8 @@ class ChangePlan:
     metadata_updated: list[HashedTemplate] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     rebuild: bool = False
+    base: Mapping[str, StoredTemplate] | None = field(default=None, compare=False, repr=False)
+    """The published templates the plan was made against (lets a publish rebase a stale plan safely)."""
 
     @property
     def has_changes(self) -> bool:
@@ -49,6 +51,11 @@ class ChangePlan:
     @property
     def target_rows(self) -> int:
         return len(self.new) + len(self.modified) + len(self.unchanged)
+
+    @property
+    def templates(self) -> list[HashedTemplate]:
+        """Every template the plan was made from: what the version should hold once published."""
+        return [*self.new, *self.modified, *self.unchanged]
 
     def texts_to_embed(self) -> dict[str, str]:
         """Unique texts of new and modified templates, by content hash."""
@@ -88,4 +95,6 @@ def build_change_plan(
                 metadata_updated.append(item)
     current_ids = {item.template_id for item in current}
     deleted = sorted(tid for tid in published if tid not in current_ids)
-    return ChangePlan(model_version, base_generation, new, modified, unchanged, metadata_updated, deleted)
+    return ChangePlan(
+        model_version, base_generation, new, modified, unchanged, metadata_updated, deleted, base=published
+    )

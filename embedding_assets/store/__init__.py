@@ -14,12 +14,15 @@ from embedding_assets.store.base import (
     StalePlanError,
     StoreCorruptError,
     StoreError,
+    StoreLockedError,
     StoreNotFoundError,
+    StoreReadOnlyError,
     StoreSnapshot,
+    StoreState,
     VersionInfo,
 )
 from embedding_assets.store.postgres import PostgresStore
-from embedding_assets.store.sqlite import SqliteStore
+from embedding_assets.store.sqlite import SqliteStore, proven_damaged
 
 DEFAULT_STORE_URL = "sqlite:///data/embeddings.db"
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -36,8 +39,11 @@ __all__ = [
     "StalePlanError",
     "StoreCorruptError",
     "StoreError",
+    "StoreLockedError",
     "StoreNotFoundError",
+    "StoreReadOnlyError",
     "StoreSnapshot",
+    "StoreState",
     "VersionInfo",
     "open_store",
     "open_store_for_rebuild",
@@ -80,8 +86,12 @@ def redact_url(url: str | Path) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def open_store(url: str | Path, *, create: bool = True) -> EmbeddingStore:
-    """Open the store a URL names; with create=False a missing store is an error."""
+def open_store(url: str | Path, *, create: bool = True, busy_timeout: float | None = None) -> EmbeddingStore:
+    """Open the store a URL names; with create=False a missing store is an error and the store is only read.
+
+    busy_timeout is how long an SQLite store waits for another process's lock on its file (default:
+    EMBEDDING_ASSETS_BUSY_TIMEOUT or 30 s); PostgreSQL publishers queue on a row lock instead.
+    """
     text = str(url)
     if "://" in text and text.split("://", 1)[0].lower() in POSTGRES_SCHEMES:
         return PostgresStore(text, create=create)
@@ -92,12 +102,14 @@ def open_store(url: str | Path, *, create: bool = True) -> EmbeddingStore:
             f"unsupported store URL scheme {scheme!r} in {redact_url(url)}; "
             "use sqlite:///path.db or postgresql://user:password@host:port/database"
         )
-    return SqliteStore(path, create=create)
+    return SqliteStore(path, create=create, busy_timeout=busy_timeout)
 
 
 def open_store_for_rebuild(url: str | Path) -> tuple[EmbeddingStore, Path | None]:
     """Open a store for a forced rebuild; a damaged SQLite file is moved aside (kept) and a new one made.
 
+    Only a file SQLite proves damaged (quick_check reports damage, or it is not a database) is moved;
+    a locked, unreadable or read-only store raises its error and stays where it is.
     Returns the store and where the damaged file went (None when nothing was moved).
     """
     store = None
@@ -105,13 +117,11 @@ def open_store_for_rebuild(url: str | Path) -> tuple[EmbeddingStore, Path | None
         store = open_store(url)
         store.check_integrity()
         return store, None
-    except ForeignDatabaseError:
-        raise
     except StoreCorruptError:
         if store is not None:
             store.close()
         path = sqlite_path(url)
-        if path is None:
+        if path is None or not proven_damaged(path):
             raise
     aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%S%f}")
     path.rename(aside)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
@@ -11,8 +14,13 @@ from typing import Protocol
 import numpy as np
 
 from embedding_assets.lib.embedders import EmbeddingError, VectorCache, check_vectors
-from embedding_assets.lib.model_versions import ModelVersion
+from embedding_assets.lib.hashing import HashedTemplate
+from embedding_assets.lib.model_versions import OPENAI_TRANSPORT_SETTINGS, ModelVersion
 from embedding_assets.lib.plan import ChangePlan, StoredTemplate
+
+
+BUSY_TIMEOUT_ENV = "EMBEDDING_ASSETS_BUSY_TIMEOUT"
+DEFAULT_BUSY_TIMEOUT = 30.0
 
 
 class StoreError(RuntimeError):
@@ -24,15 +32,23 @@ class StoreNotFoundError(StoreError):
 
 
 class StoreCorruptError(StoreError):
-    """The store exists but is not a readable embedding store."""
+    """The store exists and is proven damaged or not a database: only this lets a forced rebuild move it aside."""
 
 
 class ForeignDatabaseError(StoreError):
     """The location holds another application's database; it is never changed or moved."""
 
 
+class StoreLockedError(StoreError):
+    """Another process holds the store (or one model version's writer lock) for longer than we wait."""
+
+
+class StoreReadOnlyError(StoreError):
+    """The store was opened read-only (its location cannot be written) and a write was asked for."""
+
+
 class StalePlanError(StoreError):
-    """The store changed after the change plan was computed."""
+    """The store changed after the change plan was computed, and the plan cannot be rebased."""
 
 
 class ModelVersionMismatchError(StoreError):
@@ -93,6 +109,63 @@ class PublishResult:
 
 
 TEMPLATE_FIELDS = tuple(StoredTemplate.__dataclass_fields__)
+"""A published template's columns, in table order; the vector column follows them."""
+INTEGER_FIELDS = frozenset(name for name, f in StoredTemplate.__dataclass_fields__.items() if f.type == "int")
+EDITABLE_FIELDS = TEMPLATE_FIELDS[2:]
+"""The columns a field-only change rewrites (everything but the id and the content hash)."""
+VERSION_FIELDS = (
+    "key", "provider", "model", "dimension", "text_template", "settings", "fingerprint", "rows", "generation",
+    "created_at", "published_at",
+)
+"""The model_versions table's columns, in table order."""
+
+
+def column_definitions(types: Mapping[str, str], names: Sequence[str] = TEMPLATE_FIELDS) -> str:
+    """`name TYPE NOT NULL` for each template column, with the dialect's text and integer types."""
+    return ",\n    ".join(
+        f"{name} {types['int' if name in INTEGER_FIELDS else 'text']} NOT NULL" for name in names
+    )
+
+
+def template_row(item: HashedTemplate) -> tuple:
+    """A template's column values in TEMPLATE_FIELDS order."""
+    t = item.template
+    return (item.template_id, item.content_hash, *(getattr(t, name) for name in EDITABLE_FIELDS))
+
+
+def editable_row(item: HashedTemplate) -> tuple:
+    """The template id then the EDITABLE_FIELDS values: what a field-only change writes."""
+    row = template_row(item)
+    return (row[0], *row[2:])
+
+
+def version_info(row: Sequence, current: str | None) -> VersionInfo:
+    """A model_versions row (VERSION_FIELDS order; settings as JSON text or already decoded)."""
+    values = dict(zip(VERSION_FIELDS, row, strict=True))
+    if isinstance(values["settings"], str):
+        values["settings"] = json.loads(values["settings"])
+    return VersionInfo(**values, is_current=values["key"] == current)
+
+
+@dataclass(frozen=True)
+class StoreState:
+    """Which store this is and how far it has got: a new store (even at the same path) has a new id."""
+
+    store_id: str
+    generation: int
+
+
+def busy_timeout_from_env() -> float:
+    """Seconds to wait for another process's lock on the file (EMBEDDING_ASSETS_BUSY_TIMEOUT, default 30)."""
+    raw = os.environ.get(BUSY_TIMEOUT_ENV, "").strip()
+    try:
+        return float(raw) if raw else DEFAULT_BUSY_TIMEOUT
+    except ValueError:
+        raise StoreError(f"{BUSY_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+
+
+def new_store_id() -> str:
+    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True)
@@ -103,6 +176,11 @@ class StoreSnapshot:
     store_generation: int
     columns: dict[str, Sequence]
     matrix: np.ndarray
+    store_id: str = ""
+
+    @property
+    def state(self) -> StoreState:
+        return StoreState(self.store_id, self.store_generation)
 
     def __len__(self) -> int:
         return self.matrix.shape[0]
@@ -119,11 +197,40 @@ def settings_json(settings: dict) -> str:
     return json.dumps(settings, sort_keys=True, ensure_ascii=False)
 
 
+def _vector_settings(provider: str, settings: Mapping) -> dict:
+    """The settings that enter the fingerprint (the ones that change the vectors)."""
+    if provider == "openai":
+        return {k: v for k, v in settings.items() if k not in OPENAI_TRANSPORT_SETTINGS}
+    return dict(settings)
+
+
+def drifted_fields(version: ModelVersion, stored: VersionInfo) -> list[tuple[str, object, object]]:
+    """(field, stored value, configured value) for every vector-relevant setting that differs."""
+    found = [
+        (name, getattr(stored, name), getattr(version, name))
+        for name in ("provider", "model", "dimension", "text_template")
+        if getattr(stored, name) != getattr(version, name)
+    ]
+    before = _vector_settings(stored.provider, stored.settings)
+    after = _vector_settings(version.provider, version.settings)
+    missing = object()
+    for name in sorted(set(before) | set(after)):
+        old, new = before.get(name, missing), after.get(name, missing)
+        if old != new:
+            found.append((f"settings.{name}", None if old is missing else old, None if new is missing else new))
+    return found
+
+
 def mismatch_message(version: ModelVersion, stored: VersionInfo) -> str:
+    """What drifted between a version's published settings and its configuration, field by field."""
+    drifted = drifted_fields(version, stored) or [("fingerprint", stored.fingerprint, version.fingerprint())]
+    differences = "; ".join(
+        f"{name}: stored {'unset' if old is None else repr(old)}, configured {'unset' if new is None else repr(new)}"
+        for name, old, new in drifted
+    )
+    names = ", ".join(name for name, _, _ in drifted)
     return (
-        f"model version {version.key!r} was published with different settings "
-        f"(stored: provider={stored.provider}, model={stored.model}, dimension={stored.dimension}; "
-        f"configured: provider={version.provider}, model={version.model}, dimension={version.dimension}). "
+        f"model version {version.key!r} was published with different settings ({names} differ: {differences}). "
         "Declare a new model version key for new settings, or rebuild this one with --force."
     )
 
@@ -159,8 +266,11 @@ def current_prune_message(key: str) -> str:
 
 class EmbeddingStore(Protocol):
     location: str
+    read_only: bool
 
     def generation(self) -> int: ...
+
+    def state(self) -> StoreState: ...
 
     def current_version(self) -> str | None: ...
 
@@ -183,6 +293,8 @@ class EmbeddingStore(Protocol):
     def snapshot(self, key: str | None = None) -> StoreSnapshot: ...
 
     def check_integrity(self) -> None: ...
+
+    def writer_lock(self, model_version_key: str, timeout: float) -> AbstractContextManager[None]: ...
 
     def close(self) -> None: ...
 

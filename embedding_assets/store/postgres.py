@@ -12,14 +12,13 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from datetime import UTC, datetime
+from contextlib import AbstractContextManager, contextmanager
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 from pgvector import Vector
 from pgvector.psycopg2 import register_vector
@@ -27,23 +26,22 @@ from psycopg2 import sql
 from psycopg2.extras import execute_values
 
 from embedding_assets.lib.model_versions import ModelVersion
-from embedding_assets.lib.plan import ChangePlan, StoredTemplate
+from embedding_assets.lib.plan import StoredTemplate
 from embedding_assets.store.base import (
+    EDITABLE_FIELDS,
+    INTEGER_FIELDS,
     TEMPLATE_FIELDS,
-    ModelVersionMismatchError,
-    PublishResult,
-    StalePlanError,
+    VERSION_FIELDS,
     StoreCorruptError,
     StoreError,
+    StoreLockedError,
     StoreNotFoundError,
-    StoreSnapshot,
-    VersionInfo,
-    check_publish_vectors,
-    current_prune_message,
-    mismatch_message,
+    StoreReadOnlyError,
+    column_definitions,
+    new_store_id,
     settings_json,
-    unpublished_message,
 )
+from embedding_assets.store.publishing import PublishingStore, StoreVectorCache, polled_lock
 
 SCHEMA_VERSION = 1
 DEFAULT_SCHEMA = "embedding_store"
@@ -51,6 +49,7 @@ PAGE_SIZE = 500
 COPY_ROWS = 10_000
 MAX_EF_SEARCH = 1000
 _SCHEMA_LOCK = "embedding_assets.schema"
+_WRITER_LOCK = "embedding_assets.writer"
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 
 _DDL = """
@@ -74,15 +73,7 @@ CREATE TABLE IF NOT EXISTS {schema}.model_versions (
 );
 CREATE TABLE IF NOT EXISTS {schema}.templates (
     model_version text NOT NULL REFERENCES {schema}.model_versions(key) ON DELETE CASCADE,
-    template_id text NOT NULL,
-    content_hash text NOT NULL,
-    category text NOT NULL,
-    subcategory text NOT NULL,
-    question text NOT NULL,
-    answer text NOT NULL,
-    priority text NOT NULL,
-    audience text NOT NULL,
-    source_row integer NOT NULL,
+    {template_columns},
     embedding vector NOT NULL,
     PRIMARY KEY (model_version, template_id)
 );
@@ -94,18 +85,14 @@ CREATE TABLE IF NOT EXISTS {schema}.embedding_cache (
     created_at text NOT NULL,
     PRIMARY KEY (model_version, fingerprint, content_hash)
 );
-INSERT INTO {schema}.store_meta VALUES ('schema_version', {schema_version}), ('generation', '0')
-    ON CONFLICT (key) DO NOTHING;
+INSERT INTO {schema}.store_meta VALUES ('schema_version', {schema_version}), ('generation', '0'),
+    ('store_id', {store_id}) ON CONFLICT (key) DO NOTHING;
 """
 
 _COLUMNS = sql.SQL(", ").join(map(sql.Identifier, TEMPLATE_FIELDS))
-_TEMPLATE_KINDS = ("text",) * 9 + ("int", "vector")  # model_version, TEMPLATE_FIELDS, embedding
+_TEMPLATE_KINDS = ("text", *("int" if f in INTEGER_FIELDS else "text" for f in TEMPLATE_FIELDS), "vector")
 _CACHE_KINDS = ("text", "text", "text", "vector", "text")
 _INT4 = struct.Struct(">i")
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def connection_settings(url: str) -> tuple[str, str]:
@@ -161,62 +148,157 @@ def _parse_vectors(data: bytes, rows: int, dimension: int, where: str) -> np.nda
     return parsed["values"].astype("<f4")
 
 
-class PostgresVectorCache:
-    """Content-addressed vectors of one model version's exact settings."""
+class PostgresSession:
+    """The PostgreSQL dialect of the store's primitives, inside one transaction."""
 
-    def __init__(self, store: PostgresStore, version: ModelVersion):
-        self._store = store
-        self._key = version.key
-        self._fingerprint = version.fingerprint()
-        self._dimension = version.dimension
+    def __init__(self, store: PostgresStore, cur: psycopg2.extensions.cursor):
+        self.store = store
+        self.cur = cur
 
-    def get(self, content_hashes: Sequence[str]) -> dict[str, np.ndarray]:
-        if not content_hashes:
-            return {}
-        with self._store._transaction() as cur:
-            cur.execute(
-                self._store._sql(
-                    "SELECT content_hash, embedding FROM {schema}.embedding_cache "
-                    "WHERE model_version = %s AND fingerprint = %s AND content_hash = ANY(%s)"
+    def _run(self, text: str, params: Sequence | None = None, **parts: sql.Composable) -> None:
+        self.cur.execute(self.store._sql(text, **parts), params)
+
+    def meta(self, key: str) -> str | None:
+        self._run("SELECT value FROM {schema}.store_meta WHERE key = %s", (key,))
+        row = self.cur.fetchone()
+        return row[0] if row else None
+
+    def lock_generation(self) -> None:
+        """Lock the generation row: publishers queue behind each other, readers never wait."""
+        self._run("SELECT value FROM {schema}.store_meta WHERE key = 'generation' FOR UPDATE")
+
+    def write_meta(self, key: str, value: str) -> None:
+        self._run(
+            "INSERT INTO {schema}.store_meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            (key, value),
+        )
+
+    def version_rows(self, key: str | None = None) -> list[tuple]:
+        columns = sql.SQL(", ").join(map(sql.Identifier, VERSION_FIELDS))
+        if key is None:
+            self._run("SELECT {fields} FROM {schema}.model_versions ORDER BY key", fields=columns)
+        else:
+            self._run("SELECT {fields} FROM {schema}.model_versions WHERE key = %s", (key,), fields=columns)
+        return self.cur.fetchall()
+
+    def upsert_version(self, version: ModelVersion, generation: int, published_at: str) -> None:
+        self._run(
+            "INSERT INTO {schema}.model_versions VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, 0, %s, %s, %s) "
+            "ON CONFLICT (key) DO UPDATE SET provider = EXCLUDED.provider, model = EXCLUDED.model, "
+            "dimension = EXCLUDED.dimension, text_template = EXCLUDED.text_template, "
+            "settings = EXCLUDED.settings, fingerprint = EXCLUDED.fingerprint, "
+            "generation = EXCLUDED.generation, published_at = EXCLUDED.published_at",
+            (version.key, version.provider, version.model, version.dimension, version.text_template,
+             settings_json(version.settings), version.fingerprint(), generation, published_at, published_at),
+        )
+
+    def set_row_count(self, key: str, rows: int) -> None:
+        self._run("UPDATE {schema}.model_versions SET rows = %s WHERE key = %s", (rows, key))
+
+    def templates(self, key: str) -> dict[str, StoredTemplate]:
+        self._run("SELECT {columns} FROM {schema}.templates WHERE model_version = %s", (key,))
+        return {r[0]: StoredTemplate(*r) for r in self.cur.fetchall()}
+
+    def upsert_rows(self, key: str, rows: list[tuple], vectors: list[np.ndarray]) -> None:
+        updates = ", ".join(f"{name} = EXCLUDED.{name}" for name in (*TEMPLATE_FIELDS[1:], "embedding"))
+        self.store._upsert(
+            self.cur,
+            "templates",
+            [(key, *row, vector) for row, vector in zip(rows, vectors, strict=True)],
+            _TEMPLATE_KINDS,
+            f"(model_version, template_id) DO UPDATE SET {updates}",
+        )
+
+    def update_fields(self, key: str, rows: list[tuple]) -> None:
+        if not rows:
+            return
+        execute_values(
+            self.cur,
+            self.store._sql(
+                "UPDATE {schema}.templates AS t SET {assignments} FROM (VALUES %s) AS v(template_id, {fields}) "
+                "WHERE t.model_version = {key} AND t.template_id = v.template_id",
+                assignments=sql.SQL(", ").join(
+                    sql.SQL("{0} = v.{0}").format(sql.Identifier(name)) for name in EDITABLE_FIELDS
                 ),
-                (self._key, self._fingerprint, list(content_hashes)),
-            )
-            rows = cur.fetchall()
-        found = {}
-        for content_hash, vector in rows:
-            array = vector.to_numpy()
-            if array.shape == (self._dimension,):
-                found[content_hash] = array
-        return found
+                fields=sql.SQL(", ").join(map(sql.Identifier, EDITABLE_FIELDS)),
+                key=sql.Literal(key),
+            ),
+            rows,
+            page_size=PAGE_SIZE,
+        )
 
-    def put(self, vectors: Mapping[str, np.ndarray]) -> None:
-        created = _now()
-        with self._store._transaction() as cur:
-            self._store._upsert(
-                cur,
-                "embedding_cache",
-                [(self._key, self._fingerprint, h, v, created) for h, v in vectors.items()],
-                _CACHE_KINDS,
-                "(model_version, fingerprint, content_hash) DO UPDATE SET embedding = EXCLUDED.embedding, "
-                "created_at = EXCLUDED.created_at",
+    def delete_ids(self, key: str, ids: Sequence[str]) -> None:
+        if ids:
+            self._run(
+                "DELETE FROM {schema}.templates WHERE model_version = %s AND template_id = ANY(%s)", (key, list(ids))
             )
 
+    def delete_rows(self, key: str) -> int:
+        self._run("DELETE FROM {schema}.templates WHERE model_version = %s", (key,))
+        return self.cur.rowcount
 
-class PostgresStore:
+    def delete_version(self, key: str) -> None:
+        self._run("DELETE FROM {schema}.embedding_cache WHERE model_version = %s", (key,))
+        self._run("DELETE FROM {schema}.model_versions WHERE key = %s", (key,))
+        self.store._drop_other_indexes(self.cur, key, 0)
+
+    def count(self, key: str) -> int:
+        self._run("SELECT count(*) FROM {schema}.templates WHERE model_version = %s", (key,))
+        return self.cur.fetchone()[0]
+
+    def cached(self, key: str, fingerprint: str, hashes: Sequence[str]) -> dict[str, np.ndarray]:
+        self._run(
+            "SELECT content_hash, embedding FROM {schema}.embedding_cache "
+            "WHERE model_version = %s AND fingerprint = %s AND content_hash = ANY(%s)",
+            (key, fingerprint, list(hashes)),
+        )
+        return {h: vector.to_numpy() for h, vector in self.cur.fetchall()}
+
+    def put_cached(self, key: str, fingerprint: str, vectors: Mapping[str, np.ndarray], created_at: str) -> None:
+        self.store._upsert(
+            self.cur,
+            "embedding_cache",
+            [(key, fingerprint, h, v, created_at) for h, v in vectors.items()],
+            _CACHE_KINDS,
+            "(model_version, fingerprint, content_hash) DO UPDATE SET embedding = EXCLUDED.embedding, "
+            "created_at = EXCLUDED.created_at",
+        )
+
+    def snapshot_data(self, key: str, dimension: int) -> tuple[dict[str, Sequence], np.ndarray]:
+        self._run("SELECT {columns} FROM {schema}.templates WHERE model_version = %s ORDER BY template_id", (key,))
+        rows = self.cur.fetchall()
+        copied = io.BytesIO()
+        self.cur.copy_expert(
+            self.store._sql(
+                "COPY (SELECT embedding FROM {schema}.templates WHERE model_version = {key} "
+                "ORDER BY template_id) TO STDOUT WITH (FORMAT binary)",
+                key=sql.Literal(key),
+            ).as_string(self.cur.connection),
+            copied,
+        )
+        matrix = _parse_vectors(copied.getvalue(), len(rows), dimension, f"{self.store.location}: {key!r}")
+        values = list(zip(*rows)) if rows else [()] * len(TEMPLATE_FIELDS)
+        return dict(zip(TEMPLATE_FIELDS, values)), matrix
+
+    def before_rows(self, key: str, dimension: int) -> None:
+        self.store._drop_other_indexes(self.cur, key, dimension)
+
+    def after_rows(self, key: str, dimension: int) -> None:
+        self.store._create_index(self.cur, key, dimension)
+
+
+class PostgresStore(PublishingStore):
     """An embedding store in a PostgreSQL database with the pgvector extension."""
 
     def __init__(self, url: str, *, create: bool = True):
         from embedding_assets.store import redact_url
 
         self.location = redact_url(url)
-        dsn, self.schema = connection_settings(str(url))
-        self._password = urlsplit(dsn).password
-        try:
-            self._conn = psycopg2.connect(
-                dsn, connect_timeout=10, application_name="embedding_assets", client_encoding="UTF8"
-            )
-        except psycopg2.Error as exc:
-            raise StoreError(f"cannot connect to {self.location}: {self._clean(exc)}") from None
+        self.read_only = False
+        self.read_only_reason: str | None = None
+        self._dsn, self.schema = connection_settings(str(url))
+        self._password = urlsplit(self._dsn).password
+        self._conn = self._connect()
         try:
             self._ensure_schema(create)
             register_vector(self._conn)
@@ -225,6 +307,14 @@ class PostgresStore:
         except BaseException:
             self._conn.close()
             raise
+
+    def _connect(self) -> psycopg2.extensions.connection:
+        try:
+            return psycopg2.connect(
+                self._dsn, connect_timeout=10, application_name="embedding_assets", client_encoding="UTF8"
+            )
+        except psycopg2.Error as exc:
+            raise StoreError(f"cannot connect to {self.location}: {self._clean(exc)}") from None
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.location!r}, schema={self.schema!r})"
@@ -235,6 +325,15 @@ class PostgresStore:
 
     def _sql(self, text: str, **parts: sql.Composable) -> sql.Composed:
         return sql.SQL(text).format(schema=sql.Identifier(self.schema), columns=_COLUMNS, **parts)
+
+    def _error(self, exc: psycopg2.Error) -> StoreError:
+        if isinstance(exc, psycopg2.errors.LockNotAvailable):
+            return StoreLockedError(f"{self.location} is locked by another session ({self._clean(exc)})")
+        if isinstance(exc, psycopg2.errors.ReadOnlySqlTransaction):
+            return StoreReadOnlyError(f"{self.location} cannot be written ({self._clean(exc)})")
+        if isinstance(exc, psycopg2.errors.DiskFull):
+            return StoreError(f"{self.location}: the server's disk is full ({self._clean(exc)}); nothing was written")
+        return StoreError(f"{self.location}: {self._clean(exc)}")
 
     @contextmanager
     def _transaction(self, *, snapshot: bool = False) -> Iterator[psycopg2.extensions.cursor]:
@@ -248,14 +347,14 @@ class PostgresStore:
                 yield cur
         except psycopg2.Error as exc:
             self._rollback()
-            raise StoreError(f"{self.location}: {self._clean(exc)}") from None
+            raise self._error(exc) from None
         except BaseException:
             self._rollback()
             raise
         try:
             conn.commit()
         except psycopg2.Error as exc:
-            raise StoreError(f"{self.location}: {self._clean(exc)}") from None
+            raise self._error(exc) from None
 
     def _rollback(self) -> None:
         if not self._conn.closed:
@@ -263,6 +362,19 @@ class PostgresStore:
                 self._conn.rollback()
             except psycopg2.Error:
                 pass
+
+    @contextmanager
+    def _read(self) -> Iterator[PostgresSession]:
+        with self._transaction(snapshot=True) as cur:
+            yield PostgresSession(self, cur)
+
+    @contextmanager
+    def _write(self, *, serialize: bool = True) -> Iterator[PostgresSession]:
+        with self._transaction() as cur:
+            session = PostgresSession(self, cur)
+            if serialize:
+                session.lock_generation()
+            yield session
 
     def _scalar(self, query: str | sql.Composable, params: tuple = ()) -> object:
         with self._transaction() as cur:
@@ -280,11 +392,19 @@ class PostgresStore:
                     self._create_extension(cur)
                     cur.execute(
                         sql.SQL(_DDL).format(
-                            schema=sql.Identifier(self.schema), schema_version=sql.Literal(str(SCHEMA_VERSION))
+                            schema=sql.Identifier(self.schema),
+                            schema_version=sql.Literal(str(SCHEMA_VERSION)),
+                            store_id=sql.Literal(new_store_id()),
+                            template_columns=sql.SQL(column_definitions({"text": "text", "int": "integer"})),
                         )
                     )
             cur.execute(self._sql("SELECT value FROM {schema}.store_meta WHERE key = 'schema_version'"))
             row = cur.fetchone()
+            if create and PostgresSession(self, cur).meta("store_id") is None:
+                cur.execute(
+                    self._sql("INSERT INTO {schema}.store_meta VALUES ('store_id', %s) ON CONFLICT (key) DO NOTHING"),
+                    (new_store_id(),),
+                )
         version = int(row[0]) if row else 0
         if version != SCHEMA_VERSION:
             raise StoreError(
@@ -317,186 +437,40 @@ class PostgresStore:
                 "run CREATE EXTENSION vector in this database"
             ) from None
 
-    def _meta(self, cur, key: str, *, lock: bool = False) -> str | None:
-        query = "SELECT value FROM {schema}.store_meta WHERE key = %s" + (" FOR UPDATE" if lock else "")
-        cur.execute(self._sql(query), (key,))
-        row = cur.fetchone()
-        return row[0] if row else None
+    def cache(self, version: ModelVersion) -> StoreVectorCache:
+        return StoreVectorCache(self, version)
 
-    def generation(self) -> int:
-        with self._transaction() as cur:
-            return int(self._meta(cur, "generation") or 0)
+    @contextmanager
+    def writer_lock(self, model_version_key: str, timeout: float) -> Iterator[None]:
+        """Be the only writer of one model version: a session advisory lock on its own connection.
 
-    def current_version(self) -> str | None:
-        with self._transaction() as cur:
-            return self._meta(cur, "current_version")
+        The server releases it when that connection ends, also when the process dies.
+        """
+        conn = self._connect()
+        conn.autocommit = True
+        keys = (f"{_WRITER_LOCK}:{self.schema}", model_version_key)
+        cur = conn.cursor()
 
-    def _version_rows(self, cur, key: str | None = None) -> list[VersionInfo]:
-        current = self._meta(cur, "current_version")
-        query = (
-            "SELECT key, provider, model, dimension, text_template, settings, fingerprint, rows, generation, "
-            "created_at, published_at FROM {schema}.model_versions"
-        )
-        if key is None:
-            cur.execute(self._sql(query + " ORDER BY key"))
-        else:
-            cur.execute(self._sql(query + " WHERE key = %s"), (key,))
-        return [
-            VersionInfo(
-                key=r[0], provider=r[1], model=r[2], dimension=r[3], text_template=r[4], settings=r[5],
-                fingerprint=r[6], rows=r[7], generation=r[8], created_at=r[9], published_at=r[10],
-                is_current=r[0] == current,
+        def try_acquire() -> bool:
+            cur.execute("SELECT pg_try_advisory_lock(hashtext(%s), hashtext(%s))", keys)
+            return bool(cur.fetchone()[0])
+
+        def busy(waited: float) -> str:
+            return (
+                f"{self.location}: model version {model_version_key!r} is being written by another run; "
+                f"waited {waited:.1f} s for its writer lock"
             )
-            for r in cur.fetchall()
-        ]
 
-    def versions(self) -> list[VersionInfo]:
-        with self._transaction(snapshot=True) as cur:
-            return self._version_rows(cur)
+        def release() -> None:
+            cur.execute("SELECT pg_advisory_unlock(hashtext(%s), hashtext(%s))", keys)
 
-    def version(self, key: str) -> VersionInfo | None:
-        with self._transaction(snapshot=True) as cur:
-            found = self._version_rows(cur, key)
-        return found[0] if found else None
-
-    def published(self, key: str) -> tuple[VersionInfo | None, dict[str, StoredTemplate]]:
-        """A version's record and its published templates, read in one transaction."""
-        with self._transaction(snapshot=True) as cur:
-            found = self._version_rows(cur, key)
-            cur.execute(self._sql("SELECT {columns} FROM {schema}.templates WHERE model_version = %s"), (key,))
-            rows = cur.fetchall()
-        return (found[0] if found else None), {r[0]: StoredTemplate(*r) for r in rows}
-
-    def cache(self, version: ModelVersion) -> PostgresVectorCache:
-        return PostgresVectorCache(self, version)
-
-    def publish(
-        self, version: ModelVersion, plan: ChangePlan, vectors: Mapping[str, np.ndarray]
-    ) -> PublishResult:
-        """Apply a change plan in one transaction and bump the store generation."""
-        started = time.perf_counter()
-        check_publish_vectors(version, plan, vectors)
-        key = version.key
-        with self._transaction() as cur:
-            # Locking the generation row serializes publishers; readers are never blocked.
-            generation = int(self._meta(cur, "generation", lock=True) or 0)
-            stored = self._version_rows(cur, key)
-            stored_info = stored[0] if stored else None
-            stored_generation = stored_info.generation if stored_info else None
-            if stored_generation != plan.base_generation:
-                raise StalePlanError(
-                    f"model version {key!r} was published (generation {stored_generation}) after this "
-                    f"change plan was made (generation {plan.base_generation}); run the pipeline again"
-                )
-            if stored_info and stored_info.fingerprint != version.fingerprint() and not plan.rebuild:
-                raise ModelVersionMismatchError(mismatch_message(version, stored_info))
-            if stored_info and not plan.has_changes:
-                return PublishResult(
-                    key, stored_info.generation, stored_info.rows, False, stored_info.is_current,
-                    time.perf_counter() - started,
-                )
-            generation += 1
-            now = _now()
-            cur.execute(
-                self._sql(
-                    "INSERT INTO {schema}.model_versions VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, 0, %s, %s, %s) "
-                    "ON CONFLICT (key) DO UPDATE SET provider = EXCLUDED.provider, model = EXCLUDED.model, "
-                    "dimension = EXCLUDED.dimension, text_template = EXCLUDED.text_template, "
-                    "settings = EXCLUDED.settings, fingerprint = EXCLUDED.fingerprint, "
-                    "generation = EXCLUDED.generation, published_at = EXCLUDED.published_at"
-                ),
-                (key, version.provider, version.model, version.dimension, version.text_template,
-                 settings_json(version.settings), version.fingerprint(), generation, now, now),
-            )
-            self._drop_other_indexes(cur, key, version.dimension)
-            if plan.rebuild:
-                cur.execute(self._sql("DELETE FROM {schema}.templates WHERE model_version = %s"), (key,))
-            self._upsert(
-                cur,
-                "templates",
-                [(key, i.template_id, i.content_hash, *_fields(i), vectors[i.content_hash])
-                 for i in (*plan.new, *plan.modified)],
-                _TEMPLATE_KINDS,
-                "(model_version, template_id) DO UPDATE SET content_hash = EXCLUDED.content_hash, "
-                "category = EXCLUDED.category, subcategory = EXCLUDED.subcategory, "
-                "question = EXCLUDED.question, answer = EXCLUDED.answer, priority = EXCLUDED.priority, "
-                "audience = EXCLUDED.audience, source_row = EXCLUDED.source_row, embedding = EXCLUDED.embedding",
-            )
-            execute_values(
-                cur,
-                self._sql(
-                    "UPDATE {schema}.templates AS t SET category = v.category, subcategory = v.subcategory, "
-                    "question = v.question, answer = v.answer, priority = v.priority, audience = v.audience, "
-                    "source_row = v.source_row FROM (VALUES %s) AS v(model_version, template_id, category, "
-                    "subcategory, question, answer, priority, audience, source_row) "
-                    "WHERE t.model_version = v.model_version AND t.template_id = v.template_id"
-                ),
-                [(key, i.template_id, *_fields(i)) for i in plan.metadata_updated],
-                page_size=PAGE_SIZE,
-            )
-            if plan.deleted:
-                cur.execute(
-                    self._sql("DELETE FROM {schema}.templates WHERE model_version = %s AND template_id = ANY(%s)"),
-                    (key, list(plan.deleted)),
-                )
-            cur.execute(self._sql("SELECT count(*) FROM {schema}.templates WHERE model_version = %s"), (key,))
-            rows = cur.fetchone()[0]
-            if rows != plan.target_rows:
-                raise StalePlanError(
-                    f"model version {key!r}: publish would leave {rows} rows, the plan expects "
-                    f"{plan.target_rows}; nothing was written"
-                )
-            cur.execute(self._sql("UPDATE {schema}.model_versions SET rows = %s WHERE key = %s"), (rows, key))
-            cur.execute(
-                self._sql("UPDATE {schema}.store_meta SET value = %s WHERE key = 'generation'"), (str(generation),)
-            )
-            current = self._meta(cur, "current_version")
-            if current is None:
-                cur.execute(self._sql("INSERT INTO {schema}.store_meta VALUES ('current_version', %s)"), (key,))
-                current = key
-            self._create_index(cur, key, version.dimension)
-        return PublishResult(key, generation, rows, True, current == key, time.perf_counter() - started)
-
-    def promote(self, key: str) -> VersionInfo:
-        """Make a published version the one readers use, in one transaction."""
-        with self._transaction() as cur:
-            generation = int(self._meta(cur, "generation", lock=True) or 0)
-            found = self._version_rows(cur, key)
-            if not found:
-                raise StoreError(unpublished_message(key, [v.key for v in self._version_rows(cur)]))
-            if self._meta(cur, "current_version") != key:
-                cur.execute(
-                    self._sql(
-                        "INSERT INTO {schema}.store_meta VALUES ('current_version', %s) "
-                        "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
-                    ),
-                    (key,),
-                )
-                cur.execute(
-                    self._sql("UPDATE {schema}.store_meta SET value = %s WHERE key = 'generation'"),
-                    (str(generation + 1),),
-                )
-            return self._version_rows(cur, key)[0]
-
-    def prune(self, key: str) -> int:
-        """Delete a non-current version, its templates, cached vectors and index; the rows removed."""
-        with self._transaction() as cur:
-            generation = int(self._meta(cur, "generation", lock=True) or 0)
-            found = self._version_rows(cur, key)
-            if not found:
-                raise StoreError(unpublished_message(key, [v.key for v in self._version_rows(cur)]))
-            if self._meta(cur, "current_version") == key:
-                raise StoreError(current_prune_message(key))
-            cur.execute(self._sql("DELETE FROM {schema}.templates WHERE model_version = %s"), (key,))
-            rows = cur.rowcount
-            cur.execute(self._sql("DELETE FROM {schema}.embedding_cache WHERE model_version = %s"), (key,))
-            cur.execute(self._sql("DELETE FROM {schema}.model_versions WHERE key = %s"), (key,))
-            self._drop_other_indexes(cur, key, 0)
-            cur.execute(
-                self._sql("UPDATE {schema}.store_meta SET value = %s WHERE key = 'generation'"),
-                (str(generation + 1),),
-            )
-        return rows
+        try:
+            with polled_lock(try_acquire, release, timeout, busy):
+                yield
+        except psycopg2.Error as exc:
+            raise self._error(exc) from None
+        finally:
+            conn.close()
 
     def check_integrity(self) -> None:
         """The server guards page integrity; this checks that the store's tables are all there."""
@@ -546,37 +520,6 @@ class PostgresStore:
                 dimension=sql.Literal(int(dimension)),
                 key=sql.Literal(key),
             )
-        )
-
-    def snapshot(self, key: str | None = None) -> StoreSnapshot:
-        """The published rows and vectors of one version (default: the current one), from one MVCC snapshot."""
-        with self._transaction(snapshot=True) as cur:
-            store_generation = int(self._meta(cur, "generation") or 0)
-            key = key or self._meta(cur, "current_version")
-            if key is None:
-                raise StoreError(f"{self.location}: no model version has been published yet")
-            found = self._version_rows(cur, key)
-            if not found:
-                raise StoreError(f"{self.location}: model version {key!r} has not been published")
-            cur.execute(
-                self._sql("SELECT {columns} FROM {schema}.templates WHERE model_version = %s ORDER BY template_id"),
-                (key,),
-            )
-            rows = cur.fetchall()
-            copied = io.BytesIO()
-            cur.copy_expert(
-                self._sql(
-                    "COPY (SELECT embedding FROM {schema}.templates WHERE model_version = {key} "
-                    "ORDER BY template_id) TO STDOUT WITH (FORMAT binary)",
-                    key=sql.Literal(key),
-                ).as_string(self._conn),
-                copied,
-            )
-        info = found[0]
-        matrix = _parse_vectors(copied.getvalue(), len(rows), info.dimension, f"{self.location}: {key!r}")
-        values = list(zip(*rows)) if rows else [()] * len(TEMPLATE_FIELDS)
-        return StoreSnapshot(
-            version=info, store_generation=store_generation, columns=dict(zip(TEMPLATE_FIELDS, values)), matrix=matrix
         )
 
     def facets(self, key: str) -> tuple[set[str], set[str]]:

@@ -2,41 +2,41 @@
 
 from __future__ import annotations
 
-import json
+import fcntl
+import hashlib
 import os
+import re
 import sqlite3
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from datetime import UTC, datetime
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from embedding_assets.lib.model_versions import ModelVersion
-from embedding_assets.lib.plan import ChangePlan, StoredTemplate
+from embedding_assets.lib.plan import StoredTemplate
 from embedding_assets.store.base import (
+    EDITABLE_FIELDS,
+    TEMPLATE_FIELDS,
+    VERSION_FIELDS,
     ForeignDatabaseError,
-    ModelVersionMismatchError,
-    PublishResult,
-    StalePlanError,
     StoreCorruptError,
     StoreError,
+    StoreLockedError,
     StoreNotFoundError,
-    TEMPLATE_FIELDS,
-    StoreSnapshot,
-    VersionInfo,
-    check_publish_vectors,
-    current_prune_message,
-    mismatch_message,
+    StoreReadOnlyError,
+    busy_timeout_from_env,
+    column_definitions,
+    new_store_id,
     settings_json,
-    unpublished_message,
 )
+from embedding_assets.store.publishing import PublishingStore, StoreVectorCache, polled_lock
 
 SCHEMA_VERSION = 1
 _PARAMS_PER_QUERY = 900
+_COLUMNS = ", ".join(TEMPLATE_FIELDS)
 
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS store_meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -56,15 +56,7 @@ CREATE TABLE IF NOT EXISTS model_versions (
 );
 CREATE TABLE IF NOT EXISTS templates (
     model_version TEXT NOT NULL REFERENCES model_versions(key) ON DELETE CASCADE,
-    template_id TEXT NOT NULL,
-    content_hash TEXT NOT NULL,
-    category TEXT NOT NULL,
-    subcategory TEXT NOT NULL,
-    question TEXT NOT NULL,
-    answer TEXT NOT NULL,
-    priority TEXT NOT NULL,
-    audience TEXT NOT NULL,
-    source_row INTEGER NOT NULL,
+    {column_definitions({"text": "TEXT", "int": "INTEGER"})},
     vector BLOB NOT NULL,
     PRIMARY KEY (model_version, template_id)
 ) WITHOUT ROWID;
@@ -78,13 +70,8 @@ CREATE TABLE IF NOT EXISTS embedding_cache (
 ) WITHOUT ROWID;
 """
 
-_TEMPLATE_COLUMNS = (
-    "template_id, content_hash, category, subcategory, question, answer, priority, audience, source_row"
-)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+_LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def _blob(vector: np.ndarray) -> bytes:
@@ -96,69 +83,227 @@ def _chunks(items: Sequence[str], size: int = _PARAMS_PER_QUERY) -> Iterator[Seq
         yield items[start : start + size]
 
 
-class SqliteVectorCache:
-    """Content-addressed vectors of one model version's exact settings."""
+def _error_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
 
-    def __init__(self, store: SqliteStore, version: ModelVersion):
-        self._store = store
-        self._key = version.key
-        self._fingerprint = version.fingerprint()
-        self._dimension = version.dimension
 
-    def get(self, content_hashes: Sequence[str]) -> dict[str, np.ndarray]:
-        found: dict[str, np.ndarray] = {}
-        with self._store._reading() as conn:
-            for chunk in _chunks(list(content_hashes)):
-                marks = ",".join("?" * len(chunk))
-                rows = conn.execute(
-                    f"SELECT content_hash, vector FROM embedding_cache WHERE model_version = ? "
-                    f"AND fingerprint = ? AND content_hash IN ({marks})",
-                    (self._key, self._fingerprint, *chunk),
-                )
-                for content_hash, blob in rows:
-                    vector = np.frombuffer(blob, dtype="<f4")
-                    if vector.shape == (self._dimension,):
-                        found[content_hash] = vector
+def proven_damaged(path: Path) -> bool:
+    """True only when SQLite itself says the file is damaged or not a database (a lock proves nothing)."""
+    wal = Path(f"{path}-wal")
+    # Without a WAL to read, immutable=1 checks the file without creating -wal/-shm companions beside it.
+    options = "mode=ro" if wal.exists() and wal.stat().st_size else "mode=ro&immutable=1"
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?{options}", uri=True, timeout=1)
+    except sqlite3.Error as exc:
+        return _error_code(exc) in _DAMAGED
+    try:
+        return [row[0] for row in conn.execute("PRAGMA quick_check(1)")] != ["ok"]
+    except sqlite3.Error as exc:
+        return _error_code(exc) in _DAMAGED
+    finally:
+        conn.close()
+
+
+def _unwritable_reason(path: Path) -> str | None:
+    """Why the store's file or directory cannot be written, or None when both can."""
+    directory = path.parent
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return f"{directory} is on a read-only file system"
+    except OSError:
+        pass
+    if not os.access(directory, os.W_OK):
+        return f"the directory {directory} is not writable"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"the file {path} is not writable"
+    return None
+
+
+class SqliteSession:
+    """The SQLite dialect of the store's primitives, inside one transaction."""
+
+    def __init__(self, conn: sqlite3.Connection, location: str):
+        self.conn = conn
+        self.location = location
+
+    def meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM store_meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def write_meta(self, key: str, value: str) -> None:
+        self.conn.execute(
+            "INSERT INTO store_meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value)
+        )
+
+    def version_rows(self, key: str | None = None) -> list[tuple]:
+        where, params = ("WHERE key = ?", (key,)) if key is not None else ("", ())
+        return self.conn.execute(
+            f"SELECT {', '.join(VERSION_FIELDS)} FROM model_versions {where} ORDER BY key", params
+        ).fetchall()
+
+    def upsert_version(self, version: ModelVersion, generation: int, published_at: str) -> None:
+        self.conn.execute(
+            "INSERT INTO model_versions VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET provider = excluded.provider, model = excluded.model, "
+            "dimension = excluded.dimension, text_template = excluded.text_template, "
+            "settings = excluded.settings, fingerprint = excluded.fingerprint, "
+            "generation = excluded.generation, published_at = excluded.published_at",
+            (version.key, version.provider, version.model, version.dimension, version.text_template,
+             settings_json(version.settings), version.fingerprint(), generation, published_at, published_at),
+        )
+
+    def set_row_count(self, key: str, rows: int) -> None:
+        self.conn.execute("UPDATE model_versions SET rows = ? WHERE key = ?", (rows, key))
+
+    def templates(self, key: str) -> dict[str, StoredTemplate]:
+        rows = self.conn.execute(f"SELECT {_COLUMNS} FROM templates WHERE model_version = ?", (key,))
+        return {r[0]: StoredTemplate(*r) for r in rows}
+
+    def upsert_rows(self, key: str, rows: list[tuple], vectors: list[np.ndarray]) -> None:
+        updates = ", ".join(f"{name} = excluded.{name}" for name in (*TEMPLATE_FIELDS[1:], "vector"))
+        marks = ", ".join("?" * (len(TEMPLATE_FIELDS) + 2))
+        self.conn.executemany(
+            f"INSERT INTO templates (model_version, {_COLUMNS}, vector) VALUES ({marks}) "
+            f"ON CONFLICT(model_version, template_id) DO UPDATE SET {updates}",
+            [(key, *row, _blob(vector)) for row, vector in zip(rows, vectors, strict=True)],
+        )
+
+    def update_fields(self, key: str, rows: list[tuple]) -> None:
+        assignments = ", ".join(f"{name} = ?" for name in EDITABLE_FIELDS)
+        self.conn.executemany(
+            f"UPDATE templates SET {assignments} WHERE model_version = ? AND template_id = ?",
+            [(*row[1:], key, row[0]) for row in rows],
+        )
+
+    def delete_ids(self, key: str, ids: Sequence[str]) -> None:
+        self.conn.executemany(
+            "DELETE FROM templates WHERE model_version = ? AND template_id = ?", [(key, tid) for tid in ids]
+        )
+
+    def delete_rows(self, key: str) -> int:
+        return self.conn.execute("DELETE FROM templates WHERE model_version = ?", (key,)).rowcount
+
+    def delete_version(self, key: str) -> None:
+        self.conn.execute("DELETE FROM embedding_cache WHERE model_version = ?", (key,))
+        self.conn.execute("DELETE FROM model_versions WHERE key = ?", (key,))
+
+    def count(self, key: str) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM templates WHERE model_version = ?", (key,)).fetchone()[0]
+
+    def cached(self, key: str, fingerprint: str, hashes: Sequence[str]) -> dict[str, np.ndarray]:
+        found = {}
+        for chunk in _chunks(hashes):
+            rows = self.conn.execute(
+                "SELECT content_hash, vector FROM embedding_cache WHERE model_version = ? AND fingerprint = ? "
+                f"AND content_hash IN ({','.join('?' * len(chunk))})",
+                (key, fingerprint, *chunk),
+            )
+            found.update((h, np.frombuffer(blob, dtype="<f4")) for h, blob in rows)
         return found
 
-    def put(self, vectors: Mapping[str, np.ndarray]) -> None:
-        created = _now()
-        with self._store._writing() as conn:
-            conn.executemany(
-                "INSERT OR REPLACE INTO embedding_cache VALUES (?, ?, ?, ?, ?)",
-                [(self._key, self._fingerprint, h, _blob(v), created) for h, v in vectors.items()],
-            )
+    def put_cached(self, key: str, fingerprint: str, vectors: Mapping[str, np.ndarray], created_at: str) -> None:
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO embedding_cache VALUES (?, ?, ?, ?, ?)",
+            [(key, fingerprint, h, _blob(v), created_at) for h, v in vectors.items()],
+        )
+
+    def snapshot_data(self, key: str, dimension: int) -> tuple[dict[str, Sequence], np.ndarray]:
+        rows = self.conn.execute(
+            f"SELECT {_COLUMNS}, vector FROM templates WHERE model_version = ? ORDER BY template_id", (key,)
+        ).fetchall()
+        values = list(zip(*rows)) if rows else [()] * (len(TEMPLATE_FIELDS) + 1)
+        blob = b"".join(values[-1])
+        if len(blob) != len(rows) * dimension * 4:
+            raise StoreCorruptError(f"{self.location}: vectors of {key!r} do not all have dimension {dimension}")
+        matrix = np.frombuffer(blob, dtype="<f4").reshape(len(rows), dimension)
+        return dict(zip(TEMPLATE_FIELDS, values[:-1])), matrix
+
+    def before_rows(self, key: str, dimension: int) -> None:
+        pass
+
+    def after_rows(self, key: str, dimension: int) -> None:
+        pass
 
 
-class SqliteStore:
-    """An embedding store in one SQLite file."""
+class SqliteStore(PublishingStore):
+    """An embedding store in one SQLite file.
 
-    def __init__(self, path: str | Path, *, create: bool = True):
+    Readers (create=False) open it read-only; where its location cannot be written at all they still
+    read it (`read_only_reason` says why) and every write is refused with StoreReadOnlyError.
+    """
+
+    def __init__(self, path: str | Path, *, create: bool = True, busy_timeout: float | None = None):
         self.path = Path(path)
         self.location = str(self.path)
-        if not self.path.exists():
-            if not create:
-                raise StoreNotFoundError(f"no embedding store at {self.path}")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self.busy_timeout = busy_timeout_from_env() if busy_timeout is None else float(busy_timeout)
+        self.read_only = not create
+        self.read_only_reason: str | None = None
+        self._conn: sqlite3.Connection | None = None
         try:
-            target = self.path if create else self.path.resolve().as_uri() + "?mode=ro"
-            self._conn = sqlite3.connect(
-                target, uri=not create, isolation_level=None, timeout=30, check_same_thread=False
-            )
-            self._conn.execute("PRAGMA foreign_keys = ON")
-            self._ensure_schema(create)
-        except sqlite3.DatabaseError as exc:
-            self._conn.close()
-            raise StoreCorruptError(f"{self.path} is not a readable embedding store ({exc})") from exc
-        except StoreError:
-            self._conn.close()
+            self._open(create)
+        except BaseException:
+            self.close()
             raise
 
+    def _open(self, create: bool) -> None:
+        path = self.path
+        if path.is_dir():
+            raise StoreError(f"{path} is a directory, not an embedding store file")
+        if not path.exists():
+            if not create:
+                raise StoreNotFoundError(f"no embedding store at {path}")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            except OSError as exc:
+                raise StoreError(f"cannot create the embedding store {path}: {exc.strerror}") from None
+        try:
+            os.close(os.open(path, os.O_RDONLY))
+        except OSError as exc:
+            raise StoreError(f"cannot open the embedding store {path}: {exc.strerror}") from None
+        self.read_only_reason = _unwritable_reason(path)
+        if create and self.read_only_reason:
+            raise StoreReadOnlyError(
+                f"{path} cannot be written: {self.read_only_reason}; readers can still open it read-only"
+            )
+        try:
+            self._conn = self._connect(create)
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            self._ensure_schema(create)
+        except sqlite3.Error as exc:
+            raise self._error(exc, "is not a readable embedding store") from exc
+
+    def _connect(self, create: bool) -> sqlite3.Connection:
+        options = dict(isolation_level=None, timeout=self.busy_timeout, check_same_thread=False)
+        if create:
+            return sqlite3.connect(self.path, **options)
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        wal = Path(f"{self.path}-wal")
+        if self.read_only_reason and not (wal.exists() and wal.stat().st_size):
+            # Nothing is waiting in a WAL and nobody can write here: SQLite may skip locking and the -shm file.
+            uri += "&immutable=1"
+        return sqlite3.connect(uri, uri=True, **options)
+
+    def _error(self, exc: sqlite3.Error, damaged: str = "cannot read the store") -> StoreError:
+        """The store error an SQLite error means, naming the file and the cause."""
+        path, code = self.path, _error_code(exc)
+        if code in _LOCKED:
+            return StoreLockedError(
+                f"{path} is locked by another process (waited {self.busy_timeout:g} s; {exc}); "
+                "try again when it is done (nothing was changed)"
+            )
+        if code == sqlite3.SQLITE_FULL:
+            return StoreError(f"{path}: the disk is full ({exc}); nothing was written, free space and run again")
+        if code == sqlite3.SQLITE_READONLY:
+            return StoreReadOnlyError(f"{path} cannot be written ({exc})")
+        if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_AUTH):
+            return StoreError(f"{path}: cannot open or read the store file ({exc})")
+        if damaged == "is not a readable embedding store":
+            return StoreCorruptError(f"{path} {damaged} ({exc})")
+        return StoreCorruptError(f"{path}: {damaged} ({exc})")
+
     def _ensure_schema(self, create: bool) -> None:
-        if not create:
-            self._check_schema_version()
-            return
         tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "store_meta" not in tables:
             if not create:
@@ -170,233 +315,105 @@ class SqliteStore:
                 )
             if self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise StoreError(f"{self.path}: could not switch to WAL mode")
-            with self._writing() as conn:
+            with self._write() as session:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
-                        conn.execute(statement)
-                conn.execute("INSERT OR IGNORE INTO store_meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                conn.execute("INSERT OR IGNORE INTO store_meta VALUES ('generation', '0')")
+                        session.conn.execute(statement)
+                session.write_meta("schema_version", str(SCHEMA_VERSION))
+                session.write_meta("generation", "0")
+                session.write_meta("store_id", new_store_id())
             return
-        self._check_schema_version()
-
-    def _check_schema_version(self) -> None:
-        try:
-            version = int(self._meta("schema_version") or 0)
-        except sqlite3.OperationalError as exc:
-            raise StoreCorruptError(f"{self.path} is not an embedding store ({exc})") from exc
+        with self._read() as session:
+            version = int(session.meta("schema_version") or 0)
+            has_id = session.meta("store_id") is not None
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path} has store schema {version}; this software reads schema {SCHEMA_VERSION}")
+        if create and not has_id:
+            with self._write() as session:
+                if session.meta("store_id") is None:
+                    session.write_meta("store_id", new_store_id())
 
     @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-    @contextmanager
-    def _reading(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, begin: str) -> Iterator[SqliteSession]:
         conn = self._conn
         try:
-            conn.execute("BEGIN")
+            conn.execute(begin)
             try:
-                yield conn
-            finally:
-                conn.execute("COMMIT")
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc):
-                raise StoreError(f"{self.path}: the store is locked by another process ({exc})") from exc
-            raise StoreCorruptError(f"{self.path}: cannot read the store ({exc})") from exc
-        except sqlite3.DatabaseError as exc:
-            raise StoreCorruptError(f"{self.path}: cannot read the store ({exc})") from exc
+                yield SqliteSession(conn, self.location)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise self._error(exc) from exc
+
+    def _read(self) -> AbstractContextManager[SqliteSession]:
+        return self._transaction("BEGIN")
+
+    def _write(self, *, serialize: bool = True) -> AbstractContextManager[SqliteSession]:
+        if self.read_only:
+            why = f": {self.read_only_reason}" if self.read_only_reason else " (opened by a reader)"
+            raise StoreReadOnlyError(f"{self.path} is open read-only{why}; it cannot be written")
+        return self._transaction("BEGIN IMMEDIATE")
 
     def check_integrity(self) -> None:
-        """Raise StoreCorruptError when SQLite's quick_check finds damaged pages."""
-        with self._reading() as conn:
-            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+        """Raise StoreCorruptError when SQLite's quick_check finds damaged pages (a lock is StoreLockedError)."""
+        with self._read() as session:
+            problems = [row[0] for row in session.conn.execute("PRAGMA quick_check(5)")]
         if problems != ["ok"]:
             raise StoreCorruptError(f"{self.path} is damaged: {'; '.join(problems)}")
 
-    def _meta(self, key: str) -> str | None:
-        row = self._conn.execute("SELECT value FROM store_meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
+    def cache(self, version: ModelVersion) -> StoreVectorCache:
+        return StoreVectorCache(self, version)
 
-    def generation(self) -> int:
-        return int(self._meta("generation") or 0)
+    def lock_path(self, model_version_key: str) -> Path:
+        """The file beside the store whose flock is one model version's writer lock."""
+        safe = model_version_key if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", model_version_key) else (
+            hashlib.sha256(model_version_key.encode()).hexdigest()[:16]
+        )
+        return self.path.with_name(f"{self.path.name}.{safe}.lock")
 
-    def current_version(self) -> str | None:
-        return self._meta("current_version")
-
-    def _version_rows(self, where: str = "", params: tuple = ()) -> list[VersionInfo]:
-        current = self.current_version()
-        rows = self._conn.execute(
-            "SELECT key, provider, model, dimension, text_template, settings, fingerprint, rows, generation, "
-            f"created_at, published_at FROM model_versions {where} ORDER BY key",
-            params,
-        ).fetchall()
-        return [
-            VersionInfo(
-                key=r[0], provider=r[1], model=r[2], dimension=r[3], text_template=r[4],
-                settings=json.loads(r[5]), fingerprint=r[6], rows=r[7], generation=r[8],
-                created_at=r[9], published_at=r[10], is_current=r[0] == current,
-            )
-            for r in rows
-        ]
-
-    def versions(self) -> list[VersionInfo]:
-        with self._reading():
-            return self._version_rows()
-
-    def version(self, key: str) -> VersionInfo | None:
-        with self._reading():
-            found = self._version_rows("WHERE key = ?", (key,))
-        return found[0] if found else None
-
-    def published(self, key: str) -> tuple[VersionInfo | None, dict[str, StoredTemplate]]:
-        """A version's record and its published templates, read in one transaction."""
-        with self._reading() as conn:
-            found = self._version_rows("WHERE key = ?", (key,))
-            rows = conn.execute(
-                f"SELECT {_TEMPLATE_COLUMNS} FROM templates WHERE model_version = ?", (key,)
-            ).fetchall()
-        return (found[0] if found else None), {r[0]: StoredTemplate(*r) for r in rows}
-
-    def cache(self, version: ModelVersion) -> SqliteVectorCache:
-        return SqliteVectorCache(self, version)
-
-    def publish(
-        self, version: ModelVersion, plan: ChangePlan, vectors: Mapping[str, np.ndarray]
-    ) -> PublishResult:
-        """Apply a change plan in one transaction and bump the store generation."""
-        started = time.perf_counter()
-        check_publish_vectors(version, plan, vectors)
-        with self._writing() as conn:
-            stored = self._version_rows("WHERE key = ?", (version.key,))
-            stored_info = stored[0] if stored else None
-            stored_generation = stored_info.generation if stored_info else None
-            if stored_generation != plan.base_generation:
-                raise StalePlanError(
-                    f"model version {version.key!r} was published (generation {stored_generation}) after this "
-                    f"change plan was made (generation {plan.base_generation}); run the pipeline again"
-                )
-            if stored_info and stored_info.fingerprint != version.fingerprint() and not plan.rebuild:
-                raise ModelVersionMismatchError(mismatch_message(version, stored_info))
-            if stored_info and not plan.has_changes:
-                return PublishResult(
-                    version.key, stored_info.generation, stored_info.rows, False, stored_info.is_current,
-                    time.perf_counter() - started,
-                )
-            generation = int(self._meta("generation") or 0) + 1
-            now = _now()
-            conn.execute(
-                "INSERT INTO model_versions VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET provider = excluded.provider, model = excluded.model, "
-                "dimension = excluded.dimension, text_template = excluded.text_template, "
-                "settings = excluded.settings, fingerprint = excluded.fingerprint, "
-                "generation = excluded.generation, published_at = excluded.published_at",
-                (version.key, version.provider, version.model, version.dimension, version.text_template,
-                 settings_json(version.settings), version.fingerprint(), generation, now, now),
-            )
-            if plan.rebuild:
-                conn.execute("DELETE FROM templates WHERE model_version = ?", (version.key,))
-            conn.executemany(
-                f"INSERT INTO templates (model_version, {_TEMPLATE_COLUMNS}, vector) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(model_version, template_id) DO UPDATE SET "
-                "content_hash = excluded.content_hash, category = excluded.category, "
-                "subcategory = excluded.subcategory, question = excluded.question, answer = excluded.answer, "
-                "priority = excluded.priority, audience = excluded.audience, source_row = excluded.source_row, "
-                "vector = excluded.vector",
-                [
-                    (version.key, i.template_id, i.content_hash, *_fields(i), _blob(vectors[i.content_hash]))
-                    for i in (*plan.new, *plan.modified)
-                ],
-            )
-            conn.executemany(
-                "UPDATE templates SET category = ?, subcategory = ?, question = ?, answer = ?, priority = ?, "
-                "audience = ?, source_row = ? WHERE model_version = ? AND template_id = ?",
-                [(*_fields(i), version.key, i.template_id) for i in plan.metadata_updated],
-            )
-            conn.executemany(
-                "DELETE FROM templates WHERE model_version = ? AND template_id = ?",
-                [(version.key, tid) for tid in plan.deleted],
-            )
-            rows = conn.execute("SELECT COUNT(*) FROM templates WHERE model_version = ?", (version.key,)).fetchone()[0]
-            if rows != plan.target_rows:
-                raise StalePlanError(
-                    f"model version {version.key!r}: publish would leave {rows} rows, the plan expects "
-                    f"{plan.target_rows}; nothing was written"
-                )
-            conn.execute("UPDATE model_versions SET rows = ? WHERE key = ?", (rows, version.key))
-            conn.execute("UPDATE store_meta SET value = ? WHERE key = 'generation'", (str(generation),))
-            current = self._meta("current_version")
-            if current is None:
-                conn.execute("INSERT INTO store_meta VALUES ('current_version', ?)", (version.key,))
-                current = version.key
-        return PublishResult(version.key, generation, rows, True, current == version.key, time.perf_counter() - started)
-
-    def promote(self, key: str) -> VersionInfo:
-        """Make a published version the one readers use, in one transaction."""
-        with self._writing() as conn:
-            found = self._version_rows("WHERE key = ?", (key,))
-            if not found:
-                raise StoreError(f"{self.path}: {unpublished_message(key, [v.key for v in self._version_rows()])}")
-            if self._meta("current_version") != key:
-                generation = int(self._meta("generation") or 0) + 1
-                conn.execute(
-                    "INSERT INTO store_meta VALUES ('current_version', ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    (key,),
-                )
-                conn.execute("UPDATE store_meta SET value = ? WHERE key = 'generation'", (str(generation),))
-            return self._version_rows("WHERE key = ?", (key,))[0]
-
-    def prune(self, key: str) -> int:
-        """Delete a non-current version, its templates and its cached vectors; the number of rows removed."""
-        with self._writing() as conn:
-            found = self._version_rows("WHERE key = ?", (key,))
-            if not found:
-                raise StoreError(f"{self.path}: {unpublished_message(key, [v.key for v in self._version_rows()])}")
-            if self._meta("current_version") == key:
-                raise StoreError(current_prune_message(key))
-            rows = conn.execute("DELETE FROM templates WHERE model_version = ?", (key,)).rowcount
-            conn.execute("DELETE FROM embedding_cache WHERE model_version = ?", (key,))
-            conn.execute("DELETE FROM model_versions WHERE key = ?", (key,))
-            generation = int(self._meta("generation") or 0) + 1
-            conn.execute("UPDATE store_meta SET value = ? WHERE key = 'generation'", (str(generation),))
-        return rows
-
-    def snapshot(self, key: str | None = None) -> StoreSnapshot:
-        """The published rows and vectors of one version (default: the current one)."""
+    @contextmanager
+    def writer_lock(self, model_version_key: str, timeout: float) -> Iterator[None]:
+        """Be the only writer of one model version across processes (released when the process dies)."""
+        lock_path = self.lock_path(model_version_key)
         try:
-            with self._reading() as conn:
-                store_generation = int(self._meta("generation") or 0)
-                key = key or self._meta("current_version")
-                if key is None:
-                    raise StoreError(f"{self.path}: no model version has been published yet")
-                found = self._version_rows("WHERE key = ?", (key,))
-                if not found:
-                    raise StoreError(f"{self.path}: model version {key!r} has not been published")
-                rows = conn.execute(
-                    f"SELECT {_TEMPLATE_COLUMNS}, vector FROM templates WHERE model_version = ? ORDER BY template_id",
-                    (key,),
-                ).fetchall()
-        except sqlite3.DatabaseError as exc:
-            raise StoreCorruptError(f"{self.path}: cannot read the store ({exc})") from exc
-        info = found[0]
-        values = list(zip(*rows)) if rows else [()] * (len(TEMPLATE_FIELDS) + 1)
-        blob = b"".join(values[-1])
-        if len(blob) != len(rows) * info.dimension * 4:
-            raise StoreCorruptError(f"{self.path}: vectors of {key!r} do not all have dimension {info.dimension}")
-        matrix = np.frombuffer(blob, dtype="<f4").reshape(len(rows), info.dimension)
-        columns = dict(zip(TEMPLATE_FIELDS, values[:-1]))
-        return StoreSnapshot(version=info, store_generation=store_generation, columns=columns, matrix=matrix)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot create the writer lock {lock_path}: {exc.strerror}") from None
+
+        def try_acquire() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return True
+
+        def busy(waited: float) -> str:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return (
+                f"{self.path}: model version {model_version_key!r} is being written by another run"
+                f"{f' (pid {holder})' if holder else ''}; waited {waited:.1f} s for its lock {lock_path}"
+            )
+
+        def release() -> None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+        try:
+            with polled_lock(try_acquire, release, timeout, busy):
+                yield
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def __enter__(self) -> SqliteStore:
         return self
@@ -404,7 +421,3 @@ class SqliteStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _fields(item) -> tuple:
-    t = item.template
-    return (t.category, t.subcategory, t.question, t.answer, t.priority, t.audience, t.source_row)

@@ -1,0 +1,301 @@
+"""The store contract written once: publish, promote, prune and reads over a few backend primitives.
+
+A backend supplies a `StoreSession` (its SQL dialect, inside one transaction) and the transactions
+themselves: `_read()` is one consistent snapshot, `_write()` holds the store's write lock, so
+publishers are serialized while readers never wait.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime
+from typing import Protocol
+
+import numpy as np
+
+from embedding_assets.lib.model_versions import ModelVersion
+from embedding_assets.lib.plan import ChangePlan, StoredTemplate, build_change_plan
+from embedding_assets.store.base import (
+    ModelVersionMismatchError,
+    PublishResult,
+    StalePlanError,
+    StoreError,
+    StoreLockedError,
+    StoreSnapshot,
+    StoreState,
+    VersionInfo,
+    check_publish_vectors,
+    current_prune_message,
+    mismatch_message,
+    editable_row,
+    template_row,
+    unpublished_message,
+    version_info,
+)
+
+LOCK_POLL_SECONDS = 0.05
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class StoreSession(Protocol):
+    """One transaction's primitives; every method speaks the backend's dialect and nothing else."""
+
+    def meta(self, key: str) -> str | None: ...
+
+    def write_meta(self, key: str, value: str) -> None: ...
+
+    def version_rows(self, key: str | None = None) -> list[tuple]: ...
+
+    def upsert_version(self, version: ModelVersion, generation: int, published_at: str) -> None: ...
+
+    def set_row_count(self, key: str, rows: int) -> None: ...
+
+    def templates(self, key: str) -> dict[str, StoredTemplate]: ...
+
+    def upsert_rows(self, key: str, rows: list[tuple], vectors: list[np.ndarray]) -> None: ...
+
+    def update_fields(self, key: str, rows: list[tuple]) -> None: ...
+
+    def delete_ids(self, key: str, ids: Sequence[str]) -> None: ...
+
+    def delete_rows(self, key: str) -> int: ...
+
+    def delete_version(self, key: str) -> None: ...
+
+    def count(self, key: str) -> int: ...
+
+    def cached(self, key: str, fingerprint: str, hashes: Sequence[str]) -> dict[str, np.ndarray]: ...
+
+    def put_cached(self, key: str, fingerprint: str, vectors: Mapping[str, np.ndarray], created_at: str) -> None: ...
+
+    def snapshot_data(self, key: str, dimension: int) -> tuple[dict[str, Sequence], np.ndarray]: ...
+
+    def before_rows(self, key: str, dimension: int) -> None: ...
+
+    def after_rows(self, key: str, dimension: int) -> None: ...
+
+
+class StoreVectorCache:
+    """Content-addressed vectors of one model version's exact settings."""
+
+    def __init__(self, store: PublishingStore, version: ModelVersion):
+        self._store = store
+        self._key = version.key
+        self._fingerprint = version.fingerprint()
+        self._dimension = version.dimension
+
+    def get(self, content_hashes: Sequence[str]) -> dict[str, np.ndarray]:
+        if not content_hashes:
+            return {}
+        with self._store._read() as session:
+            found = session.cached(self._key, self._fingerprint, list(content_hashes))
+        return {h: v for h, v in found.items() if v.shape == (self._dimension,)}
+
+    def put(self, vectors: Mapping[str, np.ndarray]) -> None:
+        if not vectors:
+            return
+        with self._store._write(serialize=False) as session:
+            session.put_cached(self._key, self._fingerprint, vectors, now())
+
+
+class PublishingStore:
+    """The backend-independent half of an embedding store."""
+
+    location: str
+    read_only: bool = False
+
+    def _read(self) -> AbstractContextManager[StoreSession]:
+        raise NotImplementedError
+
+    def _write(self, *, serialize: bool = True) -> AbstractContextManager[StoreSession]:
+        raise NotImplementedError
+
+    def _versions(self, session: StoreSession, key: str | None = None) -> list[VersionInfo]:
+        current = session.meta("current_version")
+        return [version_info(row, current) for row in session.version_rows(key)]
+
+    def _version(self, session: StoreSession, key: str) -> VersionInfo | None:
+        found = self._versions(session, key)
+        return found[0] if found else None
+
+    def _unpublished(self, session: StoreSession, key: str) -> StoreError:
+        return StoreError(f"{self.location}: {unpublished_message(key, [v.key for v in self._versions(session)])}")
+
+    def _bump_generation(self, session: StoreSession) -> int:
+        generation = int(session.meta("generation") or 0) + 1
+        session.write_meta("generation", str(generation))
+        return generation
+
+    def generation(self) -> int:
+        with self._read() as session:
+            return int(session.meta("generation") or 0)
+
+    def state(self) -> StoreState:
+        """The store's id and generation, read together (a replaced store has another id)."""
+        with self._read() as session:
+            return StoreState(session.meta("store_id") or "", int(session.meta("generation") or 0))
+
+    def current_version(self) -> str | None:
+        with self._read() as session:
+            return session.meta("current_version")
+
+    def versions(self) -> list[VersionInfo]:
+        with self._read() as session:
+            return self._versions(session)
+
+    def version(self, key: str) -> VersionInfo | None:
+        with self._read() as session:
+            return self._version(session, key)
+
+    def published(self, key: str) -> tuple[VersionInfo | None, dict[str, StoredTemplate]]:
+        """A version's record and its published templates, read in one transaction."""
+        with self._read() as session:
+            return self._version(session, key), session.templates(key)
+
+    def cache(self, version: ModelVersion) -> StoreVectorCache:
+        return StoreVectorCache(self, version)
+
+    def publish(self, version: ModelVersion, plan: ChangePlan, vectors: Mapping[str, np.ndarray]) -> PublishResult:
+        """Apply a change plan in one transaction and bump the store generation.
+
+        A plan made before another run published this version is rebased onto what is published now,
+        with vectors from `vectors` and the version's cache; only a missing vector makes it stale.
+        """
+        started = time.perf_counter()
+        check_publish_vectors(version, plan, vectors)
+        key = version.key
+        with self._write() as session:
+            stored = self._version(session, key)
+            if stored and stored.fingerprint != version.fingerprint() and not plan.rebuild:
+                raise ModelVersionMismatchError(mismatch_message(version, stored))
+            stored_generation = stored.generation if stored else None
+            if stored_generation != plan.base_generation and not plan.rebuild:
+                plan, vectors = self._rebase(session, version, plan, vectors, stored_generation)
+            if stored and not plan.has_changes:
+                return PublishResult(
+                    key, stored.generation, stored.rows, False, stored.is_current, time.perf_counter() - started
+                )
+            generation = self._bump_generation(session)
+            session.upsert_version(version, generation, now())
+            session.before_rows(key, version.dimension)
+            if plan.rebuild:
+                session.delete_rows(key)
+            changed = [*plan.new, *plan.modified]
+            session.upsert_rows(key, [template_row(i) for i in changed], [vectors[i.content_hash] for i in changed])
+            session.update_fields(key, [editable_row(i) for i in plan.metadata_updated])
+            session.delete_ids(key, plan.deleted)
+            rows = session.count(key)
+            if rows != plan.target_rows:
+                raise StalePlanError(
+                    f"model version {key!r}: publish would leave {rows} rows, the plan expects "
+                    f"{plan.target_rows}; nothing was written"
+                )
+            session.set_row_count(key, rows)
+            current = session.meta("current_version")
+            if current is None:
+                session.write_meta("current_version", key)
+                current = key
+            session.after_rows(key, version.dimension)
+        return PublishResult(key, generation, rows, True, current == key, time.perf_counter() - started)
+
+    def _rebase(
+        self,
+        session: StoreSession,
+        version: ModelVersion,
+        plan: ChangePlan,
+        vectors: Mapping[str, np.ndarray],
+        stored_generation: int | None,
+    ) -> tuple[ChangePlan, Mapping[str, np.ndarray]]:
+        """The plan diffed again against the rows published now, when no template was changed differently meanwhile.
+
+        Per template, with B what the plan was made against, P what is published now and T the plan's target:
+        P == T needs nothing, P == B is the plan's own change; anything else means another run published
+        other content, and applying the plan would overwrite it.
+        """
+        published = session.templates(version.key)
+        targets = {item.template_id: StoredTemplate(*template_row(item)) for item in plan.templates}
+        base = plan.base
+        conflicts = sorted(
+            tid
+            for tid in set(published) | set(targets) | set(base or {})
+            if base is None or (published.get(tid) != targets.get(tid) and published.get(tid) != base.get(tid))
+        )
+        rebased = build_change_plan(
+            plan.templates, published, model_version=version.key, base_generation=stored_generation
+        )
+        missing = set(rebased.texts_to_embed()) - set(vectors)
+        if conflicts or missing:
+            listed = ", ".join(conflicts[:5]) + (", …" if len(conflicts) > 5 else "")
+            if base is None:
+                why = "the plan does not record what it was made against"
+            elif conflicts:
+                why = f"changed {len(conflicts)} template(s) differently ({listed})"
+            else:
+                why = f"left {len(missing)} text(s) this run has no vector for"
+            raise StalePlanError(
+                f"model version {version.key!r}: another run published generation {stored_generation} after this "
+                f"change plan was made (generation {plan.base_generation}) and {why}; run the pipeline again "
+                "(texts already embedded are cached and are not paid for again)"
+            )
+        return rebased, vectors
+
+    def promote(self, key: str) -> VersionInfo:
+        """Make a published version the one readers use, in one transaction."""
+        with self._write() as session:
+            if self._version(session, key) is None:
+                raise self._unpublished(session, key)
+            if session.meta("current_version") != key:
+                session.write_meta("current_version", key)
+                self._bump_generation(session)
+            return self._version(session, key)
+
+    def prune(self, key: str) -> int:
+        """Delete a non-current version, its templates, cached vectors and index; the rows removed."""
+        with self._write() as session:
+            if self._version(session, key) is None:
+                raise self._unpublished(session, key)
+            if session.meta("current_version") == key:
+                raise StoreError(current_prune_message(key))
+            rows = session.delete_rows(key)
+            session.delete_version(key)
+            self._bump_generation(session)
+        return rows
+
+    def snapshot(self, key: str | None = None) -> StoreSnapshot:
+        """The published rows and vectors of one version (default: the current one), read in one transaction."""
+        with self._read() as session:
+            generation = int(session.meta("generation") or 0)
+            store_id = session.meta("store_id") or ""
+            key = key or session.meta("current_version")
+            if key is None:
+                raise StoreError(f"{self.location}: no model version has been published yet")
+            info = self._version(session, key)
+            if info is None:
+                raise StoreError(f"{self.location}: model version {key!r} has not been published")
+            columns, matrix = session.snapshot_data(key, info.dimension)
+        return StoreSnapshot(
+            version=info, store_generation=generation, columns=columns, matrix=matrix, store_id=store_id
+        )
+
+
+@contextmanager
+def polled_lock(
+    try_acquire: Callable[[], bool], release: Callable[[], None], timeout: float, busy_message: Callable[[float], str]
+) -> Iterator[None]:
+    """Hold a lock taken by polling try_acquire for at most timeout seconds, else StoreLockedError."""
+    started = time.monotonic()
+    while not try_acquire():
+        waited = time.monotonic() - started
+        if waited >= timeout:
+            raise StoreLockedError(busy_message(waited))
+        time.sleep(min(LOCK_POLL_SECONDS, max(0.0, timeout - waited)))
+    try:
+        yield
+    finally:
+        release()
+
