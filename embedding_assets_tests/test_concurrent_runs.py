@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -96,5 +95,4 @@ def test_two_runs_after_the_same_edit_pay_each_changed_text_once(tmp_path, serve
     with open_store(tmp_path / "store.db", create=False) as store:
         assert len(store.snapshot(KEY)) == 90
     waited = [m for n in (1, 2) for m in run_logs(tmp_path / f"home-{n}") if "waiting up to" in m]
-    assert len(waited) <= 1
-    shutil.rmtree(tmp_path / "home-0")
+    assert len(waited) <= 1  # the second run waits when both reach the model together

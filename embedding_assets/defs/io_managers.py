@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import dagster as dg
 from pydantic import Field
 
-import embedding_assets.store as store_package
 from embedding_assets.lib.faq import Template
 from embedding_assets.lib.hashing import HashedTemplate, render_text
 from embedding_assets.lib.model_versions import ModelVersion
@@ -23,6 +22,7 @@ from embedding_assets.store import (
     StalePlanError,
     StoreCorruptError,
     StoreError,
+    StoreLockedError,
     StoreNotFoundError,
     open_store,
     redact_url,
@@ -118,20 +118,15 @@ def unhealthy_published_ids(store: EmbeddingStore, key: str) -> list[str]:
 @contextmanager
 def writer_lock(store: EmbeddingStore, key: str, timeout: float, log) -> Iterator[None]:
     """Hold the store's writer lock for one model version, waiting (at most `timeout` s) for another run's."""
-    lock = getattr(store, "writer_lock", None)
-    if lock is None:  # a store without writer locks: its publish transaction is the only guard
-        yield
-        return
-    locked = getattr(store_package, "StoreLockedError", StoreError)
     with ExitStack() as held:
         try:
-            held.enter_context(lock(key, timeout=0))
-        except locked:
+            held.enter_context(store.writer_lock(key, timeout=0))
+        except StoreLockedError:
             log.info(
                 f"waiting up to {timeout:g} s for another run that is writing model version {key!r} "
                 f"to {redact_url(store.location)}"
             )
-            held.enter_context(lock(key, timeout=timeout))
+            held.enter_context(store.writer_lock(key, timeout=timeout))
         yield
 
 
