@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import astuple
 from pathlib import Path
 
 import dagster as dg
@@ -11,6 +12,7 @@ import pytest
 from embedding_assets.defs.io_managers import EmbeddingStoreIOManager, read_version_table, write_version_table
 from embedding_assets.lib.hashing import hash_templates
 from embedding_assets.lib.model_versions import ModelVersion
+from embedding_assets.lib.plan import StoredTemplate
 from embedding_assets.lib.version_table import VersionTable
 from embedding_assets.store import StalePlanError, StoreError, open_store
 from embedding_assets_tests.conftest import SAMPLE_FAQ, make_template, read_rows, write_rows
@@ -181,3 +183,22 @@ def test_the_real_chain_materializes_a_then_b_then_a_with_exact_rows(store_url, 
     assert (len(again.embedded_texts), again.store["upserted"], again.store["rows"]) == (1, 1, 8)
     assert rows_by_version(store_url) == {"a": 8, "b": 8}
     assert load(store_url, "a").template_ids == sorted(str(r[0]) for r in rows[1:])
+
+
+@pytest.mark.parametrize(
+    "written, expected",
+    [
+        (table("a", 3, embedded=set()), {"new": 0, "modified": 0, "deleted": 0, "unchanged": 3}),
+        (table("a", 2, edited=1, embedded={1}), {"new": 0, "modified": 1, "deleted": 1, "unchanged": 1}),
+        (table("a", 3, embedded={3}), {"new": 0, "modified": 1, "deleted": 0, "unchanged": 2}),  # a carried vector
+        (table("a", 4, embedded={4}), {"new": 1, "modified": 0, "deleted": 0, "unchanged": 3}),
+    ],
+    ids=["same", "edited-and-dropped", "rewritten", "added"],
+)
+def test_a_table_changes_only_what_differs_from_the_published_slice(written, expected):
+    published = {
+        t.template_id: StoredTemplate(t.template_id, t.content_hash, *astuple(t.template)[1:])
+        for t in table("a", 3).templates
+    }
+    counts = written.changes(published).counts()
+    assert {k: counts[k] for k in expected} == expected

@@ -3,7 +3,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from embedding_assets.defs.io_managers import STORE_URL_DESCRIPTION, EmbeddingStoreIOManager
 from embedding_assets.lib.embedders import Embedder, embedder_for
@@ -72,8 +72,16 @@ class ModelCatalog(dg.ConfigurableResource):
         "read that one through dg.EnvVar.",
     )
 
+    _catalog: ModelVersionCatalog | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._catalog = ModelVersionCatalog.load(self.config_path)
+
     def catalog(self) -> ModelVersionCatalog:
-        return ModelVersionCatalog.load(self.config_path)
+        """The declared versions, read once per run (or on first use outside a run)."""
+        if self._catalog is None:
+            self._catalog = ModelVersionCatalog.load(self.config_path)
+        return self._catalog
 
     def versions(self) -> list[ModelVersion]:
         return list(self.catalog().versions)
