@@ -230,7 +230,7 @@ def test_changed_settings_under_an_old_key_stop_the_run_until_forced(two_version
 
     assert stopped.returncode == 1
     assert f"model version '{KEY}' was published with different settings" in stopped.stderr
-    assert "model=multilingual-e5-small" in stopped.stderr and "model=multilingual-e5-base" in stopped.stderr
+    assert "(model differ: model: stored 'multilingual-e5-small', configured 'multilingual-e5-base')" in stopped.stderr
     assert "Declare a new model version key for new settings, or rebuild this one with --force" in stopped.stderr
     assert store.read_bytes() == before
 
