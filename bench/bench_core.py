@@ -29,8 +29,7 @@ from embedding_assets.lib.plan import build_change_plan  # noqa: E402
 from embedding_assets.retrieval import TemplateRetriever  # noqa: E402
 from embedding_assets.store import SqliteStore  # noqa: E402
 from embedding_assets_tests.conftest import VTB_FAQ, read_rows, write_rows  # noqa: E402
-from embedding_assets_tests.pipeline import run_pipeline  # noqa: E402
-from embedding_assets.defs.checks import faq_content, retrieval_quality, store_matches_faq  # noqa: E402
+from embedding_assets_tests.pipeline import run_pipeline, store_checks  # noqa: E402
 from embedding_assets.lib.faq import parse_faq  # noqa: E402
 from embedding_assets.settings import VALIDATION_QUERIES_VAR  # noqa: E402
 
@@ -58,7 +57,7 @@ def raw_read(path: Path, key: str, dimension: int, columns: str) -> np.ndarray:
 
 def check_seconds(faq: Path, store: Path, instance: dg.DagsterInstance) -> dict[str, float]:
     """Duration of each asset check's step in one no-op run of the chain with its checks."""
-    outcome = run_pipeline(faq, store, instance=instance, checks=[faq_content, store_matches_faq, retrieval_quality])
+    outcome = run_pipeline(faq, store, instance=instance, checks=store_checks())
     return {
         event.step_key: event.event_specific_data.duration_ms / 1000
         for event in outcome.result.all_events

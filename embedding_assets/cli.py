@@ -13,6 +13,16 @@ import click
 from embedding_assets import settings
 from embedding_assets.store import EmbeddingStore, StoreError, open_store, redact_url
 
+# Errors Dagster raises around the user code's own exception (kept as their cause).
+DAGSTER_WRAPPERS = frozenset(
+    {
+        "DagsterExecutionStepExecutionError",
+        "DagsterExecutionHandleOutputError",
+        "DagsterExecutionLoadInputError",
+        "DagsterResourceFunctionError",
+        "DagsterUserCodeExecutionError",
+    }
+)
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
@@ -25,7 +35,7 @@ def run_failure_message(result) -> str:
     for event in result.all_events:
         if event.is_step_failure:
             error = event.step_failure_data.error
-            while error.cause is not None and error.cls_name == "DagsterExecutionStepExecutionError":
+            while error.cause is not None and error.cls_name in DAGSTER_WRAPPERS:
                 error = error.cause
             message = error.message.strip()
             prefix = f"{error.cls_name}: "

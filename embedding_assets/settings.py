@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 from embedding_assets.store import DEFAULT_STORE_URL
@@ -114,6 +115,36 @@ def verify_cron() -> str:
 
 def verify_timezone() -> str:
     return os.environ.get(VERIFY_TIMEZONE_VAR, DEFAULT_VERIFY_TIMEZONE)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the Dagster definitions take from the environment, read once by their entry point."""
+
+    faq_path: str
+    faq_workbook: dict[str, object]
+    store_url: str
+    store_url_from_environment: bool
+    model_versions_path: str
+    validation_queries_path: str
+    sensor_interval_seconds: int
+    verify_cron: str
+    verify_timezone: str
+
+    @classmethod
+    def from_environment(cls) -> Settings:
+        workbook = faq_workbook_settings()
+        return cls(
+            faq_path=str(workbook["path"]),
+            faq_workbook=workbook,
+            store_url=store_url(),
+            store_url_from_environment=STORE_VAR in os.environ,
+            model_versions_path=model_versions_path(),
+            validation_queries_path=validation_queries_path(),
+            sensor_interval_seconds=sensor_interval_seconds(),
+            verify_cron=verify_cron(),
+            verify_timezone=verify_timezone(),
+        )
 
 
 def dagster_home() -> Path:

@@ -10,13 +10,9 @@ import dagster as dg
 import numpy as np
 
 from embedding_assets.cli import run_failure_message as failure_message  # noqa: F401  (re-exported)
-from embedding_assets.defs.assets import (
-    change_plan,
-    embedding_store,
-    faq_templates,
-    template_embeddings,
-    template_hashes,
-)
+from embedding_assets.defs.assets import build_assets
+from embedding_assets.defs.checks import build_store_checks, faq_content
+from embedding_assets.defs.partitions import model_version_partitions
 from embedding_assets.defs.resources import (
     EmbeddingStoreIOManager,
     FaqWorkbook,
@@ -25,11 +21,24 @@ from embedding_assets.defs.resources import (
     ValidationQueries,
 )
 from embedding_assets.lib.embedders import Embedder
+from embedding_assets.lib.model_versions import ModelVersionCatalog
 from embedding_assets.settings import PROJECT_ROOT, validation_queries_path
 
 KEY = "e5-small-v1"
-ASSETS = [faq_templates, template_hashes, change_plan, template_embeddings, embedding_store]
 MODEL_VERSIONS = str(PROJECT_ROOT / "model_versions.toml")
+
+
+def chain(model_versions: Path | str = MODEL_VERSIONS, backend: str = "sqlite") -> list[dg.AssetsDefinition]:
+    """The asset chain partitioned by the versions a TOML file declares."""
+    return build_assets(model_version_partitions(ModelVersionCatalog.load(model_versions)), backend)
+
+
+def store_checks(model_versions: Path | str = MODEL_VERSIONS) -> list[dg.AssetChecksDefinition]:
+    """Every asset check, the per-version ones partitioned by the versions a TOML file declares."""
+    return [faq_content, *build_store_checks(model_version_partitions(ModelVersionCatalog.load(model_versions)))]
+
+
+ASSETS = chain()
 
 # Every batch the model receives during a run, in order (resources are rebuilt per run,
 # so the record lives at module level).
@@ -95,7 +104,7 @@ def run_pipeline(
 ) -> Outcome:
     EMBEDDING_CALLS.clear()
     result = dg.materialize(
-        [*ASSETS, *checks],
+        [*chain(model_versions), *checks],
         partition_key=key,
         instance=instance or dg.DagsterInstance.ephemeral(),
         resources={

@@ -10,23 +10,22 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from embedding_assets.defs.checks import faq_content, retrieval_quality, store_matches_faq
-from embedding_assets.defs.resources import FaqWorkbook, ModelCatalog, StoreResource
-from embedding_assets.defs.schedules import DRIFT_TAG, REPAIR_CONFIG, store_verification
+from embedding_assets.defs.io_managers import verify_published
+from embedding_assets.defs.jobs import build_embed_faq_job
+from embedding_assets.defs.resources import FaqWorkbook, StoreResource
+from embedding_assets.defs.schedules import DRIFT_TAG, REPAIR_CONFIG, build_store_verification
 from embedding_assets.lib.faq import parse_faq
-from embedding_assets.lib.integrity import (
-    ValidationQuery,
-    faq_content_problems,
-    top_k_accuracy,
-    verify_store,
-)
-from embedding_assets.lib.model_versions import load_model_versions
+from embedding_assets.lib.faq_checks import faq_content_problems
+from embedding_assets.lib.model_versions import ModelVersionCatalog
+from embedding_assets.retrieval.quality import ValidationQuery, top_k_accuracy
 from embedding_assets.store import open_store
 from embedding_assets_tests.conftest import make_template, read_rows, write_rows
-from embedding_assets_tests.pipeline import KEY, MODEL_VERSIONS, run_pipeline
+from embedding_assets_tests.pipeline import KEY, MODEL_VERSIONS, run_pipeline, store_checks
 
-CHECKS = [faq_content, store_matches_faq, retrieval_quality]
-VERSION = next(v for v in load_model_versions(MODEL_VERSIONS) if v.key == KEY)
+CHECKS = store_checks()
+CATALOG = ModelVersionCatalog.load(MODEL_VERSIONS)
+VERSION = CATALOG.get(KEY)
+store_verification = build_store_verification(build_embed_faq_job(CATALOG), CATALOG, "0 3 * * *", "UTC")
 ANSWER = 6
 
 
@@ -50,7 +49,7 @@ def delete_row(store: Path, template_id: str) -> None:
 
 def report(faq: Path, store: Path):
     with open_store(store, create=False) as opened:
-        return verify_store(opened, VERSION, parse_faq(faq))
+        return verify_published(opened, VERSION, parse_faq(faq))
 
 
 def test_faq_content_problems_name_the_row_and_the_value():
@@ -181,7 +180,6 @@ def schedule_context(faq: Path, store: Path) -> dg.ScheduleEvaluationContext:
     return dg.build_schedule_context(
         resources={
             "faq": FaqWorkbook(path=str(faq)),
-            "models": ModelCatalog(config_path=MODEL_VERSIONS),
             "store": StoreResource(url=str(store)),
         }
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,23 @@ def test_make_run_materializes_and_prints_a_summary_and_a_search(workdir):
     assert "e5-small-v1: 0 new, 0 modified, 0 deleted, 90 unchanged" in done.stdout
     assert "* e5-small-v1: 90 rows, generation 1" in done.stdout
     assert "1. [" in done.stdout and "SEC-006" in done.stdout
+
+
+def test_a_failing_publish_prints_the_store_error_not_dagsters_wrapper(workdir):
+    cwd, faq, _ = workdir
+    rows = read_rows(faq)
+    rows[3][4] = "низкий" if rows[3][4] != "низкий" else "высокий"  # a field update: nothing to embed, one write
+    write_rows(faq, rows)
+    holder = sqlite3.connect(cwd / "store.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the store's write lock for the whole run
+    try:
+        done = cli(workdir, "materialize", check=False)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    assert done.returncode == 1
+    assert "Error occurred while handling output" not in done.stderr
+    assert "e5-small-v1: step embedding_store failed: " in done.stderr
+    assert "locked" in done.stderr.split("step embedding_store failed: ", 1)[1]
+    assert "e5-small-v1: the published store is unchanged" in done.stderr

@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from embedding_assets.definitions import defs
 from embedding_assets.defs.jobs import EMBED_FAQ_JOB
+from embedding_assets.lib.model_versions import ModelVersionError
+from embedding_assets.settings import MODEL_VERSIONS_VAR
 from embedding_assets_tests.conftest import PROJECT_ROOT
 
 CHAIN = ["faq_templates", "template_hashes", "change_plan", "template_embeddings", "embedding_store"]
@@ -51,6 +54,44 @@ def test_the_sensor_and_the_schedule_start_running_and_the_checks_cover_the_chai
         ("embedding_store", "retrieval_quality"),
     }
     assert graph.get_check_spec(dg.AssetCheckKey(dg.AssetKey("faq_templates"), "faq_content")).blocking
+
+
+def test_every_run_the_ui_sensor_or_schedule_launches_executes_in_one_process():
+    definitions = defs()
+    assert definitions.executor is dg.in_process_executor
+    assert definitions.resolve_implicit_global_asset_job_def().executor_def is dg.in_process_executor
+    for name in (EMBED_FAQ_JOB, "promote_model_version"):
+        assert definitions.resolve_job_def(name).executor_def is dg.in_process_executor
+
+
+def test_the_ui_says_that_a_partition_is_a_model_version():
+    definitions = defs()
+    assert "Each partition is a model version of model_versions.toml (e5-small-v1)" in (
+        definitions.resolve_job_def(EMBED_FAQ_JOB).description
+    )
+    graph = definitions.resolve_asset_graph()
+    for name in CHAIN[1:]:
+        assert "model version" in graph.get(dg.AssetKey(name)).description, name
+
+
+def test_importing_the_definitions_reads_no_environment_until_the_entry_point_runs(tmp_path, monkeypatch):
+    missing = tmp_path / "absent.toml"
+    code = (
+        "import importlib, pkgutil, embedding_assets.defs as package\n"
+        "for module in pkgutil.iter_modules(package.__path__):\n"
+        "    importlib.import_module(f'embedding_assets.defs.{module.name}')\n"
+        "import embedding_assets.definitions\n"
+        "print('imported')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env={**os.environ, MODEL_VERSIONS_VAR: str(missing), "EMBEDDING_ASSETS_SENSOR_INTERVAL": "not-a-number"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "imported"
+    monkeypatch.setenv(MODEL_VERSIONS_VAR, str(missing))
+    with pytest.raises(ModelVersionError, match=f"^model versions file {missing} not found$"):
+        defs()
 
 
 def test_dagster_validates_the_workspace(tmp_path):

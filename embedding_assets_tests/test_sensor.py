@@ -9,8 +9,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from embedding_assets.defs.resources import FaqWorkbook, ModelCatalog
-from embedding_assets.defs.sensors import CONTENT_TAG, faq_changed
+from embedding_assets.definitions import build_definitions
+from embedding_assets.defs.jobs import build_embed_faq_job
+from embedding_assets.defs.resources import FaqWorkbook
+from embedding_assets.defs.sensors import CONTENT_TAG, build_faq_sensor
+from embedding_assets.lib.model_versions import ModelVersionCatalog
+from embedding_assets.settings import Settings
 from embedding_assets.lib.faq_watch import FileState, file_sha256, observe
 from embedding_assets_tests.conftest import SAMPLE_FAQ, read_rows, write_rows
 
@@ -38,11 +42,9 @@ active = false
 
 
 def evaluate(faq: Path, versions: Path, cursor: str | None) -> dg.SensorResult:
-    context = dg.build_sensor_context(
-        cursor=cursor,
-        resources={"faq": FaqWorkbook(path=str(faq)), "models": ModelCatalog(config_path=str(versions))},
-    )
-    return faq_changed(context)
+    catalog = ModelVersionCatalog.load(versions)
+    sensor = build_faq_sensor(build_embed_faq_job(catalog), catalog, interval_seconds=30)
+    return sensor(dg.build_sensor_context(cursor=cursor, resources={"faq": FaqWorkbook(path=str(faq))}))
 
 
 def setup(tmp_path: Path) -> tuple[Path, Path]:
@@ -143,3 +145,22 @@ def test_a_garbled_cursor_counts_as_no_cursor(tmp_path):
     faq, _ = setup(tmp_path)
     assert FileState.from_cursor("not json") is None
     assert observe(faq, FileState.from_cursor('{"unexpected": 1}')).changed
+
+
+def test_a_version_declared_after_loading_is_not_requested_until_the_definitions_reload(tmp_path):
+    faq, versions = setup(tmp_path)
+    config = Settings.from_environment()
+    definitions = build_definitions(
+        Settings(**{**vars(config), "faq_path": str(faq), "model_versions_path": str(versions)})
+    )
+    versions.write_text(
+        VERSIONS_TOML + '[[model_version]]\nkey = "small-c"\nprovider = "local"\nmodel = "multilingual-e5-small"\n'
+        "dimension = 384\n"
+    )
+    assert [v.key for v in ModelVersionCatalog.load(versions).active()] == ["small-a", "small-b", "small-c"]
+
+    sensor = definitions.resolve_sensor_def("faq_changed")
+    result = sensor(dg.build_sensor_context(cursor=None, resources={"faq": FaqWorkbook(path=str(faq))}))
+    partitions = definitions.resolve_job_def("embed_faq").partitions_def.get_partition_keys()
+    assert partitions == ["small-a", "small-b", "retired"]
+    assert [r.partition_key for r in result.run_requests] == ["small-a", "small-b"]

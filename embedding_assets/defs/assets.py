@@ -1,21 +1,22 @@
 import time
+from contextlib import ExitStack
 
 import dagster as dg
 import numpy as np
 from pydantic import Field
 
-from embedding_assets.defs.partitions import model_version_partitions
+from embedding_assets.defs.io_managers import unhealthy_published_ids, writer_lock
+from embedding_assets.defs.jobs import GROUP
 from embedding_assets.defs.resources import FaqWorkbook, ModelCatalog, StoreResource
 from embedding_assets.lib.embedders import embed_with_cache
 from embedding_assets.lib.faq import Template
 from embedding_assets.lib.hashing import HashedTemplate, hash_templates
-from embedding_assets.lib.integrity import mark_for_repair, unhealthy_published_ids
 from embedding_assets.lib.plan import ChangePlan, build_change_plan
-from embedding_assets import settings
-from embedding_assets.store import ModelVersionMismatchError, PublishRequest, store_backend
+from embedding_assets.lib.verification import mark_for_repair
+from embedding_assets.lib.version_table import VersionTable
+from embedding_assets.store import ModelVersionMismatchError
 from embedding_assets.store.base import mismatch_message
 
-GROUP = "faq_embeddings"
 LISTED_IDS = 20
 STORE_KINDS = {"postgresql": {"postgres", "pgvector"}, "sqlite": {"sqlite"}}
 
@@ -60,124 +61,126 @@ def faq_templates(context: dg.AssetExecutionContext, faq: FaqWorkbook) -> dg.Out
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"python"}, partitions_def=model_version_partitions)
-def template_hashes(
-    context: dg.AssetExecutionContext, faq_templates: list[Template], models: ModelCatalog
-) -> dg.Output[list[HashedTemplate]]:
-    """SHA-256 of the exact text this model version embeds for each template."""
-    version = models.get(context.partition_key)
-    hashed = hash_templates(faq_templates, version.text_template)
-    unique = len({h.content_hash for h in hashed})
-    return dg.Output(
-        hashed,
-        metadata={
-            "templates": dg.MetadataValue.int(len(hashed)),
-            "unique_texts": dg.MetadataValue.int(unique),
-            "duplicate_texts": dg.MetadataValue.int(len(hashed) - unique),
-            "text_template": dg.MetadataValue.text(version.text_template),
-        },
-    )
+def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) -> list[dg.AssetsDefinition]:
+    """The chain: the FAQ, then one partition per model version down to the store of `store_backend`."""
 
-
-@dg.asset(group_name=GROUP, kinds={"python"}, partitions_def=model_version_partitions)
-def change_plan(
-    context: dg.AssetExecutionContext,
-    config: ChangePlanConfig,
-    template_hashes: list[HashedTemplate],
-    models: ModelCatalog,
-    store: StoreResource,
-) -> dg.Output[ChangePlan]:
-    """Templates that are new, modified, deleted or unchanged against this version's published store."""
-    version = models.get(context.partition_key)
-    with store.open_checked(rebuild_damaged=config.force, log=context.log) as opened:
-        stored, published = opened.published(version.key)
-        repaired = unhealthy_published_ids(opened, version.key) if config.repair and stored else []
-    published = mark_for_repair(published, repaired)
-    if stored and stored.fingerprint != version.fingerprint() and not config.force:
-        raise ModelVersionMismatchError(mismatch_message(version, stored))
-    plan = build_change_plan(
-        template_hashes,
-        published,
-        model_version=version.key,
-        base_generation=stored.generation if stored else None,
-        rebuild=config.force,
-    )
-    metadata = {name: dg.MetadataValue.int(count) for name, count in plan.counts().items()}
-    metadata.update(
-        {
-            "to_embed": dg.MetadataValue.int(len(plan.texts_to_embed())),
-            "rebuild": dg.MetadataValue.bool(plan.rebuild),
-            "repaired": dg.MetadataValue.int(len(repaired)),
-            "base_generation": dg.MetadataValue.int(plan.base_generation or 0),
-            "new_ids": dg.MetadataValue.json([i.template_id for i in plan.new[:LISTED_IDS]]),
-            "modified_ids": dg.MetadataValue.json([i.template_id for i in plan.modified[:LISTED_IDS]]),
-            "deleted_ids": dg.MetadataValue.json(plan.deleted[:LISTED_IDS]),
-        }
-    )
-    return dg.Output(plan, metadata=metadata)
-
-
-@dg.asset(group_name=GROUP, kinds={"numpy"}, partitions_def=model_version_partitions)
-def template_embeddings(
-    context: dg.AssetExecutionContext, change_plan: ChangePlan, models: ModelCatalog, store: StoreResource
-) -> dg.Output[dict[str, np.ndarray]]:
-    """Vectors of new and modified texts: from the content-addressed cache, else from the model."""
-    version = models.get(context.partition_key)
-    texts = change_plan.texts_to_embed()
-    with store.open() as opened:
-        run = embed_with_cache(
-            texts,
-            version=version,
-            embedder=models.embedder(version),
-            cache=opened.cache(version),
-            use_cache=not change_plan.rebuild,
+    @dg.asset(group_name=GROUP, kinds={"python"}, partitions_def=partitions_def)
+    def template_hashes(
+        context: dg.AssetExecutionContext, faq_templates: list[Template], models: ModelCatalog
+    ) -> dg.Output[list[HashedTemplate]]:
+        """SHA-256 of the exact text each template is embedded as, per model version (partition)."""
+        version = models.get(context.partition_key)
+        hashed = hash_templates(faq_templates, version.text_template)
+        unique = len({h.content_hash for h in hashed})
+        return dg.Output(
+            hashed,
+            metadata={
+                "templates": dg.MetadataValue.int(len(hashed)),
+                "unique_texts": dg.MetadataValue.int(unique),
+                "duplicate_texts": dg.MetadataValue.int(len(hashed) - unique),
+                "text_template": dg.MetadataValue.text(version.text_template),
+            },
         )
-    cost = run.cost
-    context.log.info(
-        f"{version.key}: {run.requested} text(s) needed, {run.cache_hits} from cache, "
-        f"{run.embedded} embedded in {run.calls} call(s); {cost.requests} request(s), {cost.inputs} input(s), "
-        f"{'n/a' if cost.tokens is None else cost.tokens} token(s), {cost.retries} retries"
-    )
-    usage = {"tokens": dg.MetadataValue.int(cost.tokens)} if cost.tokens is not None else {}
-    return dg.Output(
-        run.vectors,
-        metadata={
-            "model_version": dg.MetadataValue.text(version.key),
-            "model": dg.MetadataValue.text(f"{version.provider}:{version.model}"),
-            "dimension": dg.MetadataValue.int(version.dimension),
-            "texts_needed": dg.MetadataValue.int(run.requested),
-            "cache_hits": dg.MetadataValue.int(run.cache_hits),
-            "embedded": dg.MetadataValue.int(run.embedded),
-            "embedding_calls": dg.MetadataValue.int(run.calls),
-            "requests": dg.MetadataValue.int(cost.requests),
-            "inputs": dg.MetadataValue.int(cost.inputs),
-            **usage,
-            "retries": dg.MetadataValue.int(cost.retries),
-            "embed_ms": _ms(run.seconds),
-        },
-    )
 
+    @dg.asset(group_name=GROUP, kinds={"python"}, partitions_def=partitions_def)
+    def change_plan(
+        context: dg.AssetExecutionContext,
+        config: ChangePlanConfig,
+        template_hashes: list[HashedTemplate],
+        models: ModelCatalog,
+        store: StoreResource,
+    ) -> dg.Output[ChangePlan]:
+        """Templates new, modified, deleted or unchanged against one model version's (partition's) published store."""
+        version = models.get(context.partition_key)
+        with store.open_checked(rebuild_damaged=config.force, log=context.log) as opened:
+            stored, published = opened.published(version.key)
+            repaired = unhealthy_published_ids(opened, version.key) if config.repair and stored else []
+        published = mark_for_repair(published, repaired)
+        if stored and stored.fingerprint != version.fingerprint() and not config.force:
+            raise ModelVersionMismatchError(mismatch_message(version, stored))
+        plan = build_change_plan(
+            template_hashes,
+            published,
+            model_version=version.key,
+            base_generation=stored.generation if stored else None,
+            rebuild=config.force,
+        )
+        metadata = {name: dg.MetadataValue.int(count) for name, count in plan.counts().items()}
+        metadata.update(
+            {
+                "to_embed": dg.MetadataValue.int(len(plan.texts_to_embed())),
+                "rebuild": dg.MetadataValue.bool(plan.rebuild),
+                "repaired": dg.MetadataValue.int(len(repaired)),
+                "base_generation": dg.MetadataValue.int(plan.base_generation or 0),
+                "new_ids": dg.MetadataValue.json([i.template_id for i in plan.new[:LISTED_IDS]]),
+                "modified_ids": dg.MetadataValue.json([i.template_id for i in plan.modified[:LISTED_IDS]]),
+                "deleted_ids": dg.MetadataValue.json(plan.deleted[:LISTED_IDS]),
+            }
+        )
+        return dg.Output(plan, metadata=metadata)
 
-@dg.asset(
-    group_name=GROUP,
-    kinds=STORE_KINDS[store_backend(settings.store_url())],
-    partitions_def=model_version_partitions,
-    io_manager_key="store_io_manager",
-)
-def embedding_store(
-    context: dg.AssetExecutionContext,
-    change_plan: ChangePlan,
-    template_embeddings: dict[str, np.ndarray],
-    models: ModelCatalog,
-) -> dg.Output[PublishRequest]:
-    """This model version's published templates and vectors, written in one transaction."""
-    version = models.get(context.partition_key)
-    return dg.Output(
-        PublishRequest(version=version, plan=change_plan, vectors=template_embeddings),
-        metadata={
-            "model_version": dg.MetadataValue.text(version.key),
-            "upserted": dg.MetadataValue.int(len(change_plan.new) + len(change_plan.modified)),
-            "metadata_updated": dg.MetadataValue.int(len(change_plan.metadata_updated)),
-            "deleted": dg.MetadataValue.int(len(change_plan.deleted)),
-        },
+    @dg.asset(group_name=GROUP, kinds={"numpy"}, partitions_def=partitions_def)
+    def template_embeddings(
+        context: dg.AssetExecutionContext, change_plan: ChangePlan, models: ModelCatalog, store: StoreResource
+    ) -> dg.Output[dict[str, np.ndarray]]:
+        """Vectors of one model version's new and modified texts: from the content-addressed cache, else the model."""
+        version = models.get(context.partition_key)
+        texts = change_plan.texts_to_embed()
+        with store.open() as opened, ExitStack() as held:
+            if texts:  # one run at a time pays for a version's texts; the next one finds them cached
+                held.enter_context(writer_lock(opened, version.key, store.writer_lock_timeout, context.log))
+            run = embed_with_cache(
+                texts,
+                version=version,
+                embedder=models.embedder(version),
+                cache=opened.cache(version),
+                use_cache=not change_plan.rebuild,
+            )
+        cost = run.cost
+        context.log.info(
+            f"{version.key}: {run.requested} text(s) needed, {run.cache_hits} from cache, "
+            f"{run.embedded} embedded in {run.calls} call(s); {cost.requests} request(s), {cost.inputs} input(s), "
+            f"{'n/a' if cost.tokens is None else cost.tokens} token(s), {cost.retries} retries"
+        )
+        usage = {"tokens": dg.MetadataValue.int(cost.tokens)} if cost.tokens is not None else {}
+        return dg.Output(
+            run.vectors,
+            metadata={
+                "model_version": dg.MetadataValue.text(version.key),
+                "model": dg.MetadataValue.text(f"{version.provider}:{version.model}"),
+                "dimension": dg.MetadataValue.int(version.dimension),
+                "texts_needed": dg.MetadataValue.int(run.requested),
+                "cache_hits": dg.MetadataValue.int(run.cache_hits),
+                "embedded": dg.MetadataValue.int(run.embedded),
+                "embedding_calls": dg.MetadataValue.int(run.calls),
+                "requests": dg.MetadataValue.int(cost.requests),
+                "inputs": dg.MetadataValue.int(cost.inputs),
+                **usage,
+                "retries": dg.MetadataValue.int(cost.retries),
+                "embed_ms": _ms(run.seconds),
+            },
+        )
+
+    @dg.asset(
+        group_name=GROUP,
+        kinds=STORE_KINDS[store_backend],
+        partitions_def=partitions_def,
+        io_manager_key="store_io_manager",
     )
+    def embedding_store(
+        context: dg.AssetExecutionContext, change_plan: ChangePlan, template_embeddings: dict[str, np.ndarray],
+        models: ModelCatalog,
+    ) -> VersionTable:
+        """One model version's (partition's) published templates and vectors; only what changed is written."""
+        version = models.get(context.partition_key)
+        current = sorted((*change_plan.new, *change_plan.modified, *change_plan.unchanged), key=lambda i: i.template_id)
+        embedded = {i.template_id for i in (*change_plan.new, *change_plan.modified)}
+        return VersionTable(
+            version=version,
+            templates=tuple(current),
+            vectors={i.template_id: template_embeddings[i.content_hash] for i in current if i.template_id in embedded},
+            base_generation=change_plan.base_generation,
+            rebuild=change_plan.rebuild,
+        )
+
+    return [faq_templates, template_hashes, change_plan, template_embeddings, embedding_store]

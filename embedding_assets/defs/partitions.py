@@ -1,8 +1,10 @@
 import dagster as dg
 
-from embedding_assets import settings
-from embedding_assets.lib.model_versions import load_model_versions
+from embedding_assets.lib.model_versions import ModelVersionCatalog
 
-model_version_partitions = dg.StaticPartitionsDefinition(
-    [version.key for version in load_model_versions(settings.model_versions_path())]
-)
+PARTITION_MEANING = "one partition per model version declared in model_versions.toml"
+
+
+def model_version_partitions(catalog: ModelVersionCatalog) -> dg.StaticPartitionsDefinition:
+    """A partition per declared model version, keyed by the version's key."""
+    return dg.StaticPartitionsDefinition(catalog.keys)

@@ -3,23 +3,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
-from embedding_assets import settings
+from embedding_assets.defs.io_managers import STORE_URL_DESCRIPTION, EmbeddingStoreIOManager
 from embedding_assets.lib.embedders import Embedder, embedder_for
 from embedding_assets.lib.faq import FaqColumns, FaqSheet, Template, read_faq
-from embedding_assets.lib.model_versions import ModelVersion, load_model_versions
-from embedding_assets.lib.openai_embedder import DEFAULT_API_KEY_ENV, OpenAISettings
-from embedding_assets.store import (
-    EmbeddingStore,
-    PublishRequest,
-    StoreCorruptError,
-    StoreSnapshot,
-    open_store,
-    open_store_for_rebuild,
-    redact_url,
-    store_backend,
-)
+from embedding_assets.lib.model_versions import ModelVersion, ModelVersionCatalog
+from embedding_assets.lib.openai_settings import DEFAULT_API_KEY_ENV, OpenAISettings
+from embedding_assets.settings import STORE_VAR, Settings
+from embedding_assets.store import EmbeddingStore, StoreCorruptError, open_store, open_store_for_rebuild
+
+__all__ = [
+    "EmbeddingStoreIOManager",
+    "FaqWorkbook",
+    "ModelCatalog",
+    "StoreResource",
+    "ValidationQueries",
+    "build_resources",
+]
 
 _DEFAULT_COLUMNS = FaqColumns()
 
@@ -86,14 +87,22 @@ class ModelCatalog(dg.ConfigurableResource):
         "read that one through dg.EnvVar.",
     )
 
+    _catalog: ModelVersionCatalog | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._catalog = ModelVersionCatalog.load(self.config_path)
+
+    def catalog(self) -> ModelVersionCatalog:
+        """The declared versions, read once per run (or on first use outside a run)."""
+        if self._catalog is None:
+            self._catalog = ModelVersionCatalog.load(self.config_path)
+        return self._catalog
+
     def versions(self) -> list[ModelVersion]:
-        return load_model_versions(self.config_path)
+        return list(self.catalog().versions)
 
     def get(self, key: str) -> ModelVersion:
-        for version in self.versions():
-            if version.key == key:
-                return version
-        raise KeyError(f"model version {key!r} is not declared in {self.config_path}")
+        return self.catalog().get(key)
 
     def embedder(self, version: ModelVersion) -> Embedder:
         if version.provider != "openai":
@@ -106,9 +115,10 @@ class ModelCatalog(dg.ConfigurableResource):
 class StoreResource(dg.ConfigurableResource):
     """The embedding store the pipeline reads its state and cache from."""
 
-    url: str = Field(
-        description="Store URL: sqlite:///path.db, a file path, or postgresql://user:password@host:port/database "
-        "(pass it as EnvVar('EMBEDDING_ASSETS_STORE') so the password stays out of the run config)."
+    url: str = Field(description=STORE_URL_DESCRIPTION)
+    writer_lock_timeout: float = Field(
+        default=600.0,
+        description="Seconds a run waits for another run writing the same model version before it gives up.",
     )
 
     @contextmanager
@@ -158,56 +168,20 @@ class ValidationQueries(dg.ConfigurableResource):
     min_accuracy: float = Field(default=0.7, description="Top-k accuracy below this is reported as a warning.")
 
 
-class EmbeddingStoreIOManager(dg.ConfigurableIOManager):
-    """Publishes a model version's change set in one transaction; loads published snapshots."""
-
-    url: str = Field(
-        description="Store URL: sqlite:///path.db, a file path, or postgresql://user:password@host:port/database "
-        "(pass it as EnvVar('EMBEDDING_ASSETS_STORE') so the password stays out of the run config)."
-    )
-
-    def handle_output(self, context: dg.OutputContext, obj: PublishRequest) -> None:
-        store = open_store(self.url)
-        try:
-            result = store.publish(obj.version, obj.plan, obj.vectors)
-        finally:
-            store.close()
-        context.add_output_metadata(
-            {
-                "rows": dg.MetadataValue.int(result.rows),
-                "generation": dg.MetadataValue.int(result.generation),
-                "published": dg.MetadataValue.bool(result.changed),
-                "current_version": dg.MetadataValue.bool(result.is_current),
-                "publish_ms": dg.MetadataValue.float(round(result.seconds * 1000, 2)),
-                "store": dg.MetadataValue.text(redact_url(self.url)),
-                "backend": dg.MetadataValue.text(store_backend(self.url)),
-            }
-        )
-
-    def load_input(self, context: dg.InputContext) -> StoreSnapshot:
-        store = open_store(self.url, create=False)
-        try:
-            return store.snapshot(context.asset_partition_key if context.has_asset_partitions else None)
-        finally:
-            store.close()
-
-
-def store_url_config() -> str | dg.EnvVar:
+def store_url_config(config: Settings) -> str | dg.EnvVar:
     """The store URL as an EnvVar when set, so a password in it never shows in config."""
-    return dg.EnvVar(settings.STORE_VAR) if settings.STORE_VAR in os.environ else settings.store_url()
+    return dg.EnvVar(STORE_VAR) if config.store_url_from_environment else config.store_url
 
 
-@dg.definitions
-def resources() -> dg.Definitions:
-    return dg.Definitions(
-        resources={
-            "faq": FaqWorkbook(**settings.faq_workbook_settings()),
-            "models": ModelCatalog(
-                config_path=settings.model_versions_path(),
-                openai_api_key=dg.EnvVar(DEFAULT_API_KEY_ENV) if DEFAULT_API_KEY_ENV in os.environ else None,
-            ),
-            "store": StoreResource(url=store_url_config()),
-            "store_io_manager": EmbeddingStoreIOManager(url=store_url_config()),
-            "validation_queries": ValidationQueries(path=settings.validation_queries_path()),
-        }
-    )
+def build_resources(config: Settings) -> dict[str, dg.ConfigurableResource | dg.ConfigurableIOManager]:
+    """The resources of the code location, from settings read once."""
+    return {
+        "faq": FaqWorkbook(**config.faq_workbook),
+        "models": ModelCatalog(
+            config_path=config.model_versions_path,
+            openai_api_key=dg.EnvVar(DEFAULT_API_KEY_ENV) if DEFAULT_API_KEY_ENV in os.environ else None,
+        ),
+        "store": StoreResource(url=store_url_config(config)),
+        "store_io_manager": EmbeddingStoreIOManager(url=store_url_config(config)),
+        "validation_queries": ValidationQueries(path=config.validation_queries_path),
+    }

@@ -5,23 +5,31 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 import numpy as np
 
+from embedding_assets.lib.embedding_base import (
+    Embedder,
+    EmbeddingCost,
+    EmbeddingError,
+    VectorCache,
+    check_vectors,
+)
 from embedding_assets.lib.model_versions import ModelVersion
+from embedding_assets.lib.openai_embedder import OpenAIEmbedder, api_key_from_environment
 
-
-class EmbeddingError(RuntimeError):
-    """The embedding provider failed or returned unusable vectors."""
-
-
-class Embedder(Protocol):
-    dimension: int
-
-    def embed_passages(self, texts: Sequence[str]) -> np.ndarray: ...
-
-    def embed_query(self, text: str) -> np.ndarray: ...
+__all__ = [
+    "Embedder",
+    "EmbeddingCost",
+    "EmbeddingError",
+    "EmbeddingRun",
+    "LocalE5Embedder",
+    "VectorCache",
+    "check_vectors",
+    "embed_with_cache",
+    "embedder_for",
+    "passage_batches",
+]
 
 
 class LocalE5Embedder:
@@ -55,47 +63,8 @@ def embedder_for(version: ModelVersion, api_key: str | None = None) -> Embedder:
     if version.provider == "local":
         return LocalE5Embedder(variant=version.settings.get("variant", "original"), dimension=version.dimension)
     if version.provider == "openai":
-        from embedding_assets.lib.openai_embedder import OpenAIEmbedder, api_key_from_environment
-
         return OpenAIEmbedder(version, api_key if api_key is not None else api_key_from_environment(version))
     raise EmbeddingError(f"model version {version.key!r}: unknown provider {version.provider!r}")
-
-
-def check_vectors(vectors: np.ndarray, expected_rows: int, dimension: int, context: str) -> np.ndarray:
-    """Reject a wrong shape, NaN/inf or all-zero vector; return L2-normalised float32 rows."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2 or vectors.shape[0] != expected_rows:
-        raise EmbeddingError(f"{context}: expected {expected_rows} vectors, got array of shape {vectors.shape}")
-    if vectors.shape[1] != dimension:
-        raise EmbeddingError(f"{context}: expected dimension {dimension}, got {vectors.shape[1]}")
-    if not np.isfinite(vectors).all():
-        raise EmbeddingError(f"{context}: vectors contain NaN or infinite values")
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise EmbeddingError(f"{context}: a vector has zero length")
-    return vectors / norms
-
-
-class VectorCache(Protocol):
-    def get(self, content_hashes: Sequence[str]) -> dict[str, np.ndarray]: ...
-
-    def put(self, vectors: Mapping[str, np.ndarray]) -> None: ...
-
-
-@dataclass
-class EmbeddingCost:
-    """What reaching the model cost: requests sent (retries included), texts sent, tokens billed."""
-
-    requests: int = 0
-    inputs: int = 0
-    tokens: int | None = None
-    retries: int = 0
-
-    def since(self, earlier: EmbeddingCost) -> EmbeddingCost:
-        tokens = None if self.tokens is None else self.tokens - (earlier.tokens or 0)
-        return EmbeddingCost(
-            self.requests - earlier.requests, self.inputs - earlier.inputs, tokens, self.retries - earlier.retries
-        )
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from embedding_assets.lib.faq import OPTIONAL_FIELDS, REQUIRED_FIELDS
+from embedding_assets.lib.openai_settings import OpenAISettings
 
 KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 PROVIDERS = ("local", "openai")
@@ -93,8 +94,6 @@ def _parse_version(raw: dict[str, Any], source: str) -> ModelVersion:
         settings=dict(raw.get("settings", {})),
     )
     if version.provider == "openai":
-        from embedding_assets.lib.openai_embedder import OpenAISettings
-
         try:
             OpenAISettings.parse(version.settings)
         except ValueError as exc:
@@ -129,3 +128,28 @@ def load_model_versions(path: str | Path) -> list[ModelVersion]:
     if duplicates:
         raise ModelVersionError(f"{path}: duplicate model version key(s) {', '.join(duplicates)}")
     return versions
+
+
+@dataclass(frozen=True)
+class ModelVersionCatalog:
+    """The model versions of one TOML file, loaded once: the partitions, the sensor and the schedule share it."""
+
+    source: str
+    versions: tuple[ModelVersion, ...]
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelVersionCatalog:
+        return cls(str(path), tuple(load_model_versions(path)))
+
+    @property
+    def keys(self) -> list[str]:
+        return [v.key for v in self.versions]
+
+    def active(self) -> list[ModelVersion]:
+        return [v for v in self.versions if v.active]
+
+    def get(self, key: str) -> ModelVersion:
+        for version in self.versions:
+            if version.key == key:
+                return version
+        raise KeyError(f"model version {key!r} is not declared in {self.source} (declared: {', '.join(self.keys)})")

@@ -16,69 +16,25 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedding_assets.lib.embedders import EmbeddingCost, EmbeddingError
+from embedding_assets.lib.embedding_base import EmbeddingCost, EmbeddingError
+from embedding_assets.lib.model_versions import ModelVersion
+from embedding_assets.lib.openai_settings import (  # noqa: F401  (re-exported)
+    DEFAULT_API_KEY_ENV,
+    DEFAULT_BASE_URL,
+    DEFAULT_BASE_URL_ENV,
+    OpenAISettings,
+)
 from embedding_assets.lib.redaction import redact
 
-if TYPE_CHECKING:
-    from embedding_assets.lib.model_versions import ModelVersion
-
-DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
-DEFAULT_BASE_URL_ENV = "OPENAI_BASE_URL"
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # The official client refuses to start without a key; servers without authentication ignore it.
 NO_KEY = "no-key-configured"
 RETRYABLE_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 RETRY_AFTER_CEILING_S = 300.0
 CHARS_PER_TOKEN = 3  # a deliberate over-estimate for Cyrillic and Latin text alike
 SERVER_MESSAGE_CHARS = 200  # of a provider's error message, kept after redaction
-
-
-@dataclass(frozen=True)
-class OpenAISettings:
-    """The `settings` table of a provider "openai" model version."""
-
-    base_url: str | None = None
-    base_url_env: str = DEFAULT_BASE_URL_ENV
-    api_key_env: str = DEFAULT_API_KEY_ENV
-    dimensions: int | None = None
-    passage_input_type: str | None = None
-    query_input_type: str | None = None
-    passage_prefix: str = ""
-    query_prefix: str = ""
-    timeout: float = 60.0
-    concurrency: int = 4
-    max_batch_tokens: int = 8192
-    max_attempts: int = 5
-    backoff_initial: float = 0.5
-    backoff_max: float = 30.0
-
-    @classmethod
-    def parse(cls, settings: Mapping[str, Any]) -> OpenAISettings:
-        """Validated settings; ValueError names the first bad one."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(settings) - set(known))
-        if unknown:
-            raise ValueError(f"unknown openai setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
-        for name, value in settings.items():
-            if name in {"base_url", "passage_input_type", "query_input_type"}:
-                ok = isinstance(value, str) and value != ""
-            elif name in {"base_url_env", "api_key_env"}:
-                ok = isinstance(value, str) and value.isidentifier()
-            elif name in {"passage_prefix", "query_prefix"}:
-                ok = isinstance(value, str)
-            elif name in {"timeout", "backoff_initial", "backoff_max"}:
-                ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
-                ok = ok and (value > 0 or name != "timeout")
-            else:  # dimensions, concurrency, max_batch_tokens, max_attempts
-                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-            if not ok:
-                raise ValueError(f"openai setting {name} has an invalid value {value!r}")
-        return cls(**settings)
 
 
 def api_key_from_environment(version: ModelVersion) -> str | None:

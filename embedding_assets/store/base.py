@@ -97,15 +97,6 @@ class VersionInfo:
 
 
 @dataclass(frozen=True)
-class PublishRequest:
-    """What the store asset hands its IO manager: a plan and the vectors of changed texts."""
-
-    version: ModelVersion
-    plan: ChangePlan
-    vectors: Mapping[str, np.ndarray]
-
-
-@dataclass(frozen=True)
 class PublishResult:
     """The outcome of one publish transaction."""
 

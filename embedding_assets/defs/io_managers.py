@@ -1,0 +1,170 @@
+"""The IO manager that owns each model version's slice of the store, and how that slice is read and written."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, closing, contextmanager
+from dataclasses import dataclass
+
+import dagster as dg
+from pydantic import Field
+
+from embedding_assets.lib.faq import Template
+from embedding_assets.lib.hashing import HashedTemplate, render_text
+from embedding_assets.lib.model_versions import ModelVersion
+from embedding_assets.lib.plan import ChangePlan
+from embedding_assets.lib.verification import StoreReport, compare_table, unhealthy_vector_ids
+from embedding_assets.lib.version_table import MissingVectorsError, VersionTable
+from embedding_assets.store import (
+    EmbeddingStore,
+    ModelVersionMismatchError,
+    PublishResult,
+    StalePlanError,
+    StoreCorruptError,
+    StoreError,
+    StoreLockedError,
+    StoreNotFoundError,
+    open_store,
+    redact_url,
+    store_backend,
+)
+from embedding_assets.store.base import mismatch_message
+
+STORE_URL_DESCRIPTION = (
+    "Store URL: sqlite:///path.db, a file path, or postgresql://user:password@host:port/database "
+    "(pass it as EnvVar('EMBEDDING_ASSETS_STORE') so the password stays out of the run config)."
+)
+
+
+def read_version_table(store: EmbeddingStore, key: str) -> VersionTable | None:
+    """A model version's published slice with every vector; None when the version is not published."""
+    if store.version(key) is None:
+        return None
+    snapshot = store.snapshot(key)
+    version = snapshot.version.to_model_version()
+    templates = []
+    for stored in snapshot.templates:
+        template = Template(
+            template_id=stored.template_id, category=stored.category, subcategory=stored.subcategory,
+            question=stored.question, answer=stored.answer, priority=stored.priority, audience=stored.audience,
+            source_row=stored.source_row,
+        )
+        templates.append(HashedTemplate(template, render_text(template, version.text_template), stored.content_hash))
+    vectors = dict(zip(snapshot.columns["template_id"], snapshot.matrix))
+    return VersionTable(
+        version=version, templates=tuple(templates), vectors=vectors, base_generation=snapshot.version.generation
+    )
+
+
+@dataclass(frozen=True)
+class TableWrite:
+    """What writing a table changed: the applied plan and the publish outcome."""
+
+    plan: ChangePlan
+    result: PublishResult
+
+
+def write_version_table(store: EmbeddingStore, table: VersionTable) -> TableWrite:
+    """Publish only the table's difference from the stored slice, in one transaction.
+
+    A table derived from an older generation of the slice is written only when it equals the slice
+    (another run published the same content: nothing to do); otherwise it would undo that run's publish.
+    """
+    version = table.version
+    stored, published = store.published(version.key)
+    if stored is not None and stored.fingerprint != version.fingerprint() and not table.rebuild:
+        raise ModelVersionMismatchError(mismatch_message(version, stored))
+    generation = stored.generation if stored else None
+    stale = generation != table.base_generation and not table.rebuild
+    plan = table.changes(published, rewrite_carried=not stale)
+    if stored is not None and not plan.has_changes:
+        return TableWrite(plan, PublishResult(version.key, stored.generation, stored.rows, False, stored.is_current, 0.0))
+    if stale:
+        raise StalePlanError(
+            f"model version {version.key!r}: another run published generation {generation} after this run planned "
+            f"against generation {table.base_generation}, with other content ({_listed_changes(plan)}); run the "
+            "pipeline again (texts already embedded are cached and are not paid for again)"
+        )
+    try:
+        vectors = table.vectors_by_hash(plan)
+    except MissingVectorsError as exc:
+        raise StoreError(str(exc)) from exc
+    return TableWrite(plan, store.publish(version, plan, vectors))
+
+
+def _listed_changes(plan: ChangePlan) -> str:
+    ids = [i.template_id for i in (*plan.new, *plan.modified, *plan.metadata_updated)] + plan.deleted
+    return f"{len(ids)} template(s) differ: {', '.join(sorted(ids)[:5])}{', …' if len(ids) > 5 else ''}"
+
+
+def verify_published(store: EmbeddingStore, version: ModelVersion, templates: Sequence[Template]) -> StoreReport:
+    """A version's published slice compared with the FAQ's templates."""
+    try:
+        table = read_version_table(store, version.key)
+    except StoreError as exc:
+        return StoreReport(version.key, len(templates), unreadable=f"{version.key}: {exc}")
+    return compare_table(version, templates, table)
+
+
+def unhealthy_published_ids(store: EmbeddingStore, key: str) -> list[str]:
+    """Published ids whose vector must be republished; all of them when the vectors cannot be read."""
+    try:
+        table = read_version_table(store, key)
+    except StoreCorruptError:
+        return sorted(store.published(key)[1])
+    return unhealthy_vector_ids(table.template_ids, table.matrix()) if table else []
+
+
+@contextmanager
+def writer_lock(store: EmbeddingStore, key: str, timeout: float, log) -> Iterator[None]:
+    """Hold the store's writer lock for one model version, waiting (at most `timeout` s) for another run's."""
+    with ExitStack() as held:
+        try:
+            held.enter_context(store.writer_lock(key, timeout=0))
+        except StoreLockedError:
+            log.info(
+                f"waiting up to {timeout:g} s for another run that is writing model version {key!r} "
+                f"to {redact_url(store.location)}"
+            )
+            held.enter_context(store.writer_lock(key, timeout=timeout))
+        yield
+
+
+class EmbeddingStoreIOManager(dg.ConfigurableIOManager):
+    """Owns one slice of the store per model version: writes a VersionTable's changes, reads the table back."""
+
+    url: str = Field(description=STORE_URL_DESCRIPTION)
+
+    def handle_output(self, context: dg.OutputContext, obj: VersionTable) -> None:
+        if context.has_asset_partitions and context.asset_partition_key != obj.version.key:
+            raise StoreError(
+                f"partition {context.asset_partition_key!r} got the table of model version {obj.version.key!r}"
+            )
+        with closing(open_store(self.url)) as store:
+            written = write_version_table(store, obj)
+        plan, result = written.plan, written.result
+        context.add_output_metadata(
+            {
+                "model_version": dg.MetadataValue.text(obj.version.key),
+                "upserted": dg.MetadataValue.int(len(plan.new) + len(plan.modified) if result.changed else 0),
+                "metadata_updated": dg.MetadataValue.int(len(plan.metadata_updated) if result.changed else 0),
+                "deleted": dg.MetadataValue.int(len(plan.deleted) if result.changed else 0),
+                "rows": dg.MetadataValue.int(result.rows),
+                "generation": dg.MetadataValue.int(result.generation),
+                "published": dg.MetadataValue.bool(result.changed),
+                "current_version": dg.MetadataValue.bool(result.is_current),
+                "publish_ms": dg.MetadataValue.float(round(result.seconds * 1000, 2)),
+                "store": dg.MetadataValue.text(redact_url(self.url)),
+                "backend": dg.MetadataValue.text(store_backend(self.url)),
+            }
+        )
+
+    def load_input(self, context: dg.InputContext) -> VersionTable:
+        if not context.has_asset_partitions:
+            raise StoreError("the embedding store is read one model version (partition) at a time")
+        key = context.asset_partition_key
+        with closing(open_store(self.url, create=False)) as store:
+            table = read_version_table(store, key)
+        if table is None:
+            raise StoreNotFoundError(f"model version {key!r} has not been published to {redact_url(self.url)}")
+        return table

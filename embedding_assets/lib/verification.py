@@ -1,0 +1,115 @@
+"""How a model version's published table differs from what the FAQ says it should hold."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from embedding_assets.lib.faq import Template
+from embedding_assets.lib.hashing import hash_templates
+from embedding_assets.lib.model_versions import ModelVersion
+from embedding_assets.lib.plan import StoredTemplate
+from embedding_assets.lib.version_table import VersionTable
+
+LISTED = 20
+REPAIR_MARK = ""
+
+
+def unhealthy_vector_ids(template_ids: Sequence[str], matrix: np.ndarray) -> list[str]:
+    """Ids whose vector holds NaN or infinity, or has zero norm."""
+    finite = np.isfinite(matrix).all(axis=1)
+    norms = np.linalg.norm(np.where(np.isfinite(matrix), matrix, 0.0), axis=1)
+    bad = ~finite | (norms == 0.0)
+    return sorted(template_ids[i] for i in np.flatnonzero(bad))
+
+
+@dataclass(frozen=True)
+class StoreReport:
+    """How one model version's published store differs from what the FAQ says it should hold."""
+
+    model_version: str
+    expected_rows: int
+    stored_rows: int | None = None
+    missing_ids: list[str] = field(default_factory=list)
+    extra_ids: list[str] = field(default_factory=list)
+    hash_mismatch_ids: list[str] = field(default_factory=list)
+    unhealthy_ids: list[str] = field(default_factory=list)
+    unreadable: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems()
+
+    def problems(self) -> list[str]:
+        if self.unreadable:
+            return [self.unreadable]
+        found = []
+        if self.stored_rows != self.expected_rows:
+            found.append(f"{self.stored_rows} rows stored, the FAQ has {self.expected_rows} templates")
+        for label, ids in (
+            ("missing from the store", self.missing_ids),
+            ("stored but not in the FAQ", self.extra_ids),
+            ("stored with a content hash other than the FAQ's", self.hash_mismatch_ids),
+            ("stored with a NaN, infinite or zero-norm vector", self.unhealthy_ids),
+        ):
+            if ids:
+                found.append(f"{len(ids)} template(s) {label}: {', '.join(ids[:LISTED])}")
+        return found
+
+    def summary(self) -> str:
+        if self.healthy:
+            return f"{self.model_version}: {self.stored_rows} rows match the FAQ"
+        return f"{self.model_version}: " + "; ".join(self.problems())
+
+
+def compare_store(
+    version: ModelVersion,
+    templates: Sequence[Template],
+    stored_ids: Sequence[str],
+    stored_hashes: Sequence[str],
+    matrix: np.ndarray,
+) -> StoreReport:
+    """Compare a version's published rows and vectors with the FAQ's templates."""
+    expected = {h.template_id: h.content_hash for h in hash_templates(list(templates), version.text_template)}
+    stored = dict(zip(stored_ids, stored_hashes))
+    if matrix.shape != (len(stored_ids), version.dimension):
+        return StoreReport(
+            version.key, len(expected), len(stored_ids),
+            unreadable=f"{version.key}: vectors have shape {matrix.shape}, expected ({len(stored_ids)}, {version.dimension})",
+        )
+    return StoreReport(
+        model_version=version.key,
+        expected_rows=len(expected),
+        stored_rows=len(stored_ids),
+        missing_ids=sorted(set(expected) - set(stored)),
+        extra_ids=sorted(set(stored) - set(expected)),
+        hash_mismatch_ids=sorted(i for i in set(expected) & set(stored) if expected[i] != stored[i]),
+        unhealthy_ids=unhealthy_vector_ids(list(stored_ids), matrix),
+    )
+
+
+def mark_for_repair(published: Mapping[str, StoredTemplate], ids: Sequence[str]) -> dict[str, StoredTemplate]:
+    """The published templates with the given ids' hashes cleared, so a change plan republishes them."""
+    marked = set(ids)
+    return {
+        tid: replace(stored, content_hash=REPAIR_MARK) if tid in marked else stored
+        for tid, stored in published.items()
+    }
+
+
+def compare_table(
+    version: ModelVersion, templates: Sequence[Template], table: VersionTable | None
+) -> StoreReport:
+    """Compare a version's published table with the FAQ's templates (None: the version is not published)."""
+    if table is None:
+        return StoreReport(version.key, len(templates), unreadable=f"{version.key}: not published in the store")
+    if table.version.dimension != version.dimension:
+        return StoreReport(
+            version.key, len(templates), len(table),
+            unreadable=f"{version.key}: stored dimension {table.version.dimension}, declared {version.dimension}",
+        )
+    return compare_store(
+        version, templates, table.template_ids, [t.content_hash for t in table.templates], table.matrix()
+    )
