@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from embedding_assets import settings
-from embedding_assets.defs.resources import FaqWorkbook, resources
+from embedding_assets.defs.resources import FaqWorkbook, build_resources
 from embedding_assets_tests.conftest import SAMPLE_FAQ, read_rows
 
 CLI = str(Path(sys.executable).parent / "embedding-assets")
@@ -31,7 +31,7 @@ def clean_env(monkeypatch, tmp_path):
 
 def test_defaults_without_config_or_variables(clean_env) -> None:
     assert settings.faq_workbook_settings() == {"path": "data/faq.xlsx"}
-    faq = resources().resources["faq"]
+    faq = build_resources(settings.Settings.from_environment())["faq"]
     assert (faq.path, faq.sheet, faq.header_row, faq.question_column, faq.id_column) == (
         "data/faq.xlsx", None, None, "Пример вопроса", "ID",
     )
@@ -51,7 +51,7 @@ def test_the_faq_table_names_file_sheet_header_row_and_columns(clean_env) -> Non
         "answer_column": "Answer",
         "id_column": "Key",
     }
-    faq = resources().resources["faq"]
+    faq = build_resources(settings.Settings.from_environment())["faq"]
     assert (faq.path, faq.sheet, faq.header_row, faq.question_column, faq.category_column) == (
         str(clean_env.parent / "sheets" / "faq.xlsx"), "FAQ", 3, "Question", "Основная категория",
     )
