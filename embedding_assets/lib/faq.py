@@ -9,7 +9,9 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from itertools import compress
+from operator import not_
 from pathlib import Path
 
 from embedding_assets.lib.sheets import Sheet, SheetError, column_letter, read_sheet
@@ -151,60 +153,112 @@ def _read_faq(path: Path, columns: FaqColumns, sheet: str | int | None, header_r
     has_ids = "template_id" in positions
     first = header_index + 1
     data = grid.rows[first:]
+    count = len(data)
     width = max(positions.values()) + 1
-    if any(len(cells) < width for cells in data):
+    if data and min(map(len, data)) < width:
         data = [cells if len(cells) >= width else [*cells, *[""] * (width - len(cells))] for cells in data]
-    by_column = list(zip(*data)) if data else [()] * width
     found: list[tuple[int, str]] = []  # (row, problem), sorted by row at the end
-    columns_text = {
-        field: _column_text(list(by_column[col]), field, first + 1, headers[field], found)
-        for field, col in positions.items()
-    }
-    blank = [""] * len(data)
-    category, subcategory, question, answer = (columns_text[f] for f in REQUIRED_FIELDS)
-    priority, audience = (columns_text.get(f, blank) for f in OPTIONAL_FIELDS)
-    ids = columns_text.get("template_id", blank)
-    templates: list[Template] = []
-    append = templates.append
-    id_rows: dict[str, int] = {}
-    row = first
-    for values in zip(category, subcategory, question, answer, priority, audience, ids):
-        row += 1
-        if "" in values:
-            if not any(values):
-                continue
-            values = _fill_hidden_cells(grid, row, values, positions, headers, found)
-            for field, value in zip(REQUIRED_FIELDS, values):
-                if not value and value is not _REPORTED:
-                    found.append((row, f"row {row}, column {headers[field]!r}: empty {field}"))
-        c, s, q, a, p, au, template_id = values
-        if not has_ids:
-            template_id = derived_template_id(c, s, q)
-        elif template_id in id_rows:
-            found.append((
-                row,
-                f"row {row}, column {headers['template_id']!r}: duplicate id {template_id!r} "
-                f"(first used in row {id_rows[template_id]})",
-            ))
-        elif not template_id:
-            if template_id is not _REPORTED:
-                found.append((row, f"row {row}, column {headers['template_id']!r}: empty id"))
-        else:
-            id_rows[template_id] = row
-        append(Template(template_id, c, s, q, a, p, au, row))
+    # Column by column, in the order of _FIELDS; a column the sheet does not have reads as empty.
+    cells = [
+        _column_text([cells[positions[field]] for cells in data], field, first + 1, headers[field], found)
+        if field in positions
+        else [""] * count
+        for field in _FIELDS
+    ]
+    blank_rows = _check_incomplete_rows(grid, first, cells, positions, headers, found)
+    if has_ids:
+        _check_ids(cells[-1], blank_rows, first, headers["template_id"], found)
     found.sort(key=lambda item: item[0])
     problems = [problem for _, problem in found]
     if problems:
         raise FaqError(path, problems)
-    if not templates:
+    source_rows = range(first + 1, first + 1 + count)
+    if blank_rows:
+        kept = [i not in blank_rows for i in range(count)]
+        cells = [list(compress(column, kept)) for column in cells]
+        source_rows = list(compress(source_rows, kept))
+    if not source_rows:
         raise FaqError(path, ["the sheet has a header but no templates"])
+    category, subcategory, question, answer, priority, audience, ids = cells
+    if not has_ids:
+        ids = _disambiguate(list(map(derived_template_id, category, subcategory, question)))
+    templates = list(map(_new_template, ids, category, subcategory, question, answer, priority, audience, source_rows))
     return FaqSheet(
-        templates=templates if has_ids else _disambiguate(templates),
+        templates=templates,
         sheet=grid.name,
         header_row=header_index + 1,
         note=f"{grid.note()}; headers in row {header_index + 1}",
         other_sheets=[s.name for s in grid.sheets if s.name != grid.name],
     )
+
+
+_FIELDS = (*REQUIRED_FIELDS, *OPTIONAL_FIELDS, "template_id")
+
+
+def _check_incomplete_rows(
+    grid: Sheet, first: int, cells: list[list[str]], positions: dict[str, int], headers: dict[str, str], found: list
+) -> set[int]:
+    """Rows with an empty cell: blank ones are returned (to skip), hidden values filled in, empty required cells reported."""
+    incomplete: set[int] = set()
+    for column in cells:
+        if "" in column:
+            incomplete.update(compress(range(len(column)), map(not_, column)))
+    blank_rows = set()
+    for i in sorted(incomplete):
+        values = tuple(column[i] for column in cells)
+        if not any(values):
+            blank_rows.add(i)
+            continue
+        row = first + 1 + i
+        filled = _fill_hidden_cells(grid, row, values, positions, headers, found)
+        for column, before, after in zip(cells, values, filled):
+            if after is not before:
+                column[i] = after
+        for field, value in zip(REQUIRED_FIELDS, filled):
+            if not value and value is not _REPORTED:
+                found.append((row, f"row {row}, column {headers[field]!r}: empty {field}"))
+    return blank_rows
+
+
+def _check_ids(ids: list[str], blank_rows: set[int], first: int, header: str, found: list) -> None:
+    """Every id present and used once."""
+    if "" not in ids and len(set(ids)) == len(ids):
+        return
+    id_rows: dict[str, int] = {}
+    for i, template_id in enumerate(ids):
+        if i in blank_rows:
+            continue
+        row = first + 1 + i
+        if template_id in id_rows:
+            found.append((
+                row,
+                f"row {row}, column {header!r}: duplicate id {template_id!r} (first used in row {id_rows[template_id]})",
+            ))
+        elif not template_id:
+            if template_id is not _REPORTED:
+                found.append((row, f"row {row}, column {header!r}: empty id"))
+        else:
+            id_rows[template_id] = row
+
+
+def _new_template(
+    template_id: str, category: str, subcategory: str, question: str, answer: str, priority: str, audience: str, row: int
+) -> Template:
+    """Template(...) without its frozen __init__, which sets each field through object.__setattr__ (the reader's largest cost)."""
+    template = _new_object(Template)
+    fields = template.__dict__
+    fields["template_id"] = template_id
+    fields["category"] = category
+    fields["subcategory"] = subcategory
+    fields["question"] = question
+    fields["answer"] = answer
+    fields["priority"] = priority
+    fields["audience"] = audience
+    fields["source_row"] = row
+    return template
+
+
+_new_object = object.__new__
 
 
 def parse_faq(
@@ -396,14 +450,14 @@ def missing_id_column_problems(
     return problems
 
 
-def _disambiguate(templates: list[Template]) -> list[Template]:
-    """Give repeated (category, subcategory, question) rows distinct ids: t-…, t-…-2, t-…-3."""
+def _disambiguate(ids: list[str]) -> list[str]:
+    """Repeated (category, subcategory, question) rows get distinct ids: t-…, t-…-2, t-…-3."""
+    if len(set(ids)) == len(ids):
+        return ids
     seen: Counter[str] = Counter()
     result = []
-    for template in templates:
-        seen[template.template_id] += 1
-        count = seen[template.template_id]
-        if count > 1:
-            template = replace(template, template_id=f"{template.template_id}-{count}")
-        result.append(template)
+    for template_id in ids:
+        seen[template_id] += 1
+        count = seen[template_id]
+        result.append(f"{template_id}-{count}" if count > 1 else template_id)
     return result
