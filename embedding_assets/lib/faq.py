@@ -10,7 +10,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import compress
+from itertools import compress, repeat
 from operator import not_
 from pathlib import Path
 
@@ -31,7 +31,11 @@ def normalize_text(value: object) -> str:
     """Unicode NFC, invisible characters dropped, trimmed, every run of whitespace collapsed to one space."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    text = unicodedata.normalize("NFC", str(value))
+    return _tidy(unicodedata.normalize("NFC", str(value)))
+
+
+def _tidy(text: str) -> str:
+    """`normalize_text` of a text already in NFC."""
     if text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " ":
         return text  # the common case, quickly
     collapsed = " ".join(text.split())
@@ -156,11 +160,11 @@ def _read_faq(path: Path, columns: FaqColumns, sheet: str | int | None, header_r
     count = len(data)
     width = max(positions.values()) + 1
     if data and min(map(len, data)) < width:
-        data = [cells if len(cells) >= width else [*cells, *[""] * (width - len(cells))] for cells in data]
+        data = [row if len(row) >= width else [*row, *[""] * (width - len(row))] for row in data]
     found: list[tuple[int, str]] = []  # (row, problem), sorted by row at the end
     # Column by column, in the order of _FIELDS; a column the sheet does not have reads as empty.
     cells = [
-        _column_text([cells[positions[field]] for cells in data], field, first + 1, headers[field], found)
+        _column_text([row[positions[field]] for row in data], field, first + 1, headers[field], found)
         if field in positions
         else [""] * count
         for field in _FIELDS
@@ -198,26 +202,61 @@ _FIELDS = (*REQUIRED_FIELDS, *OPTIONAL_FIELDS, "template_id")
 def _check_incomplete_rows(
     grid: Sheet, first: int, cells: list[list[str]], positions: dict[str, int], headers: dict[str, str], found: list
 ) -> set[int]:
-    """Rows with an empty cell: blank ones are returned (to skip), hidden values filled in, empty required cells reported."""
-    incomplete: set[int] = set()
-    for column in cells:
-        if "" in column:
-            incomplete.update(compress(range(len(column)), map(not_, column)))
-    blank_rows = set()
-    for i in sorted(incomplete):
-        values = tuple(column[i] for column in cells)
-        if not any(values):
-            blank_rows.add(i)
-            continue
+    """Empty cells: blank rows are returned (to skip), hidden values filled in, empty required cells reported."""
+    present = [k for k, field in enumerate(_FIELDS) if field in positions]
+    empty = {k: set(compress(range(len(cells[k])), map(not_, cells[k]))) if "" in cells[k] else set() for k in present}
+    blank_rows = set.intersection(*empty.values())  # a column the sheet lacks is empty in every row
+    for k in present:
+        empty[k] -= blank_rows
+    if grid.package_path is not None and any(empty.values()):
+        _fill_hidden_cells(grid, first, cells, empty, positions, headers, found)
+    missing = []
+    for k, field in enumerate(REQUIRED_FIELDS):
+        column = cells[k]
+        missing.extend((i, k) for i in empty[k] if not column[i] and column[i] is not _REPORTED)
+    for i, k in sorted(missing):
         row = first + 1 + i
-        filled = _fill_hidden_cells(grid, row, values, positions, headers, found)
-        for column, before, after in zip(cells, values, filled):
-            if after is not before:
-                column[i] = after
-        for field, value in zip(REQUIRED_FIELDS, filled):
-            if not value and value is not _REPORTED:
-                found.append((row, f"row {row}, column {headers[field]!r}: empty {field}"))
+        found.append((row, f"row {row}, column {headers[REQUIRED_FIELDS[k]]!r}: empty {REQUIRED_FIELDS[k]}"))
     return blank_rows
+
+
+def _fill_hidden_cells(
+    grid: Sheet,
+    first: int,
+    cells: list[list[str]],
+    empty: dict[int, set[int]],
+    positions: dict[str, int],
+    headers: dict[str, str],
+    found: list,
+) -> None:
+    """Empty-looking .xlsx cells: a formula whose value was never saved is refused, an error value is read."""
+    unsaved, errors = grid.hidden_cells()
+    if not unsaved and not errors:
+        return
+    fields_at: dict[int, list[int]] = {}  # sheet column (1-based) -> indices into _FIELDS
+    for k, field in enumerate(_FIELDS):
+        if field in positions:
+            fields_at.setdefault(positions[field] + 1, []).append(k)
+
+    def hidden(found_cells: dict[tuple[int, int], str]) -> list[tuple[int, int, str]]:
+        """(data row index, field index, text) of each hidden cell in an empty cell of a read column."""
+        return sorted(
+            (row - first - 1, k, text)
+            for (row, col), text in found_cells.items()
+            for k in fields_at.get(col, ())
+            if row - first - 1 in empty[k] and cells[k][row - first - 1] is not _REPORTED
+        )
+
+    for i, k, formula in hidden(unsaved):
+        row = first + 1 + i
+        found.append((
+            row,
+            f"row {row}, column {headers[_FIELDS[k]]!r}: formula {formula} has no saved value; "
+            "open and save the workbook in Excel or LibreOffice, or paste the values",
+        ))
+        cells[k][i] = _REPORTED
+    for i, k, value in hidden(errors):
+        cells[k][i] = value
 
 
 def _check_ids(ids: list[str], blank_rows: set[int], first: int, header: str, found: list) -> None:
@@ -325,49 +364,23 @@ def _column_text(values: list, field: str, first_row: int, header: str, found: l
             for i in typed:
                 values[i] = _REPORTED
         return values
-    # Mostly distinct, mostly clean: check the whole column at once, then cell by cell.
-    joined = "\n".join(values)
-    if not unicodedata.is_normalized("NFC", joined):
+    # Mostly distinct, mostly clean: a few passes over the whole column find the cells to tidy.
+    if not unicodedata.is_normalized("NFC", "\n".join(values)):
         return [value if value is _REPORTED else normalize_text(value) for value in values]
+    printable = list(map(str.isprintable, values))
+    for i in compress(range(len(values)), map(not_, printable)):
+        values[i] = _tidy(values[i])  # a line break, tab, invisible or control character
     if (
-        all(map(str.isprintable, values))
-        and "  " not in joined
-        and " \n" not in joined
-        and "\n " not in joined
-        and joined[:1] != " "
-        and joined[-1:] != " "
+        _DOUBLE_SPACE.search("\n".join(values))
+        or any(map(str.startswith, values, repeat(" ")))
+        or any(map(str.endswith, values, repeat(" ")))
     ):
-        return values
-    return [
-        v if v.isprintable() and "  " not in v and v[:1] != " " and v[-1:] != " " else normalize_text(v) for v in values
-    ]
+        return [v if "  " not in v and v[:1] != " " and v[-1:] != " " else _tidy(v) for v in values]
+    return values
 
 
+_DOUBLE_SPACE = re.compile("  ")
 _REPEATING_FIELDS = frozenset({"category", "subcategory", "priority", "audience"})
-
-
-def _fill_hidden_cells(
-    grid: Sheet, row: int, values: tuple, positions: dict[str, int], headers: dict[str, str], found: list
-) -> tuple:
-    """Empty-looking .xlsx cells: a formula whose value was never saved is refused, an error value is read."""
-    if grid.package_path is None:
-        return values
-    unsaved, errors = grid.hidden_cells()
-    filled = list(values)
-    for i, field in enumerate((*REQUIRED_FIELDS, *OPTIONAL_FIELDS, "template_id")):
-        if values[i] != "" or values[i] is _REPORTED or field not in positions:
-            continue
-        position = (row, positions[field] + 1)
-        if position in unsaved:
-            found.append((
-                row,
-                f"row {row}, column {headers[field]!r}: formula {unsaved[position]} has no saved value; "
-                "open and save the workbook in Excel or LibreOffice, or paste the values",
-            ))
-            filled[i] = _REPORTED
-        elif position in errors:
-            filled[i] = errors[position]
-    return tuple(filled)
 
 
 def _find_header(
