@@ -365,16 +365,14 @@ def _column_text(values: list, field: str, first_row: int, header: str, found: l
                 values[i] = _REPORTED
         return values
     # Mostly distinct, mostly clean: a few passes over the whole column find the cells to tidy.
-    if not unicodedata.is_normalized("NFC", "\n".join(values)):
+    joined = "\n".join(values)
+    if not (joined.isascii() or unicodedata.is_normalized("NFC", joined)):
         return [value if value is _REPORTED else normalize_text(value) for value in values]
-    printable = list(map(str.isprintable, values))
-    for i in compress(range(len(values)), map(not_, printable)):
+    for i in compress(range(len(values)), map(not_, map(str.isprintable, values))):
         values[i] = _tidy(values[i])  # a line break, tab, invisible or control character
-    if (
-        _DOUBLE_SPACE.search("\n".join(values))
-        or any(map(str.startswith, values, repeat(" ")))
-        or any(map(str.endswith, values, repeat(" ")))
-    ):
+    # Every cell is printable now; joined by single spaces, a cell's stray space shows as a double one.
+    spaced = " ".join(filter(None, values))
+    if _DOUBLE_SPACE.search(spaced) or spaced[:1] == " " or spaced[-1:] == " ":
         return [v if "  " not in v and v[:1] != " " and v[-1:] != " " else _tidy(v) for v in values]
     return values
 
