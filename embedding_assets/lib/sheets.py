@@ -59,8 +59,9 @@ class Sheet:
         """Cells read as empty that are not: {(row, column): formula} without a saved value, {(row, column): error value}."""
         if self.package_path is None:
             return {}, {}
-        if self._hidden is None:
-            self._hidden = _in_background(_package_hidden_cells, self.package_path, self.name)
+        if self._hidden is None:  # not scanned while the sheet was parsed: scan now
+            self._hidden = Future()
+            _settle(self._hidden, _package_hidden_cells, self.package_path, self.name)
         return self._hidden.result()
 
     def note(self) -> str:
@@ -174,8 +175,9 @@ def _read_workbook(path: Path, suffix: str, sheet: str | int | None) -> Sheet:
             ]
             name, how = _choose_sheet(infos, sheet, _active_sheet(package, suffix, infos))
             ooxml = package is not None and suffix in _OOXML_SUFFIXES
-            # calamine parses the sheet without holding the GIL: meanwhile, look for its hidden cells
-            hidden = _in_background(_package_hidden_cells, path, name) if ooxml else None
+            if ooxml and _part_size(package, name) >= _BACKGROUND_SCAN_BYTES:
+                # calamine parses the sheet without holding the GIL: meanwhile, look for its hidden cells
+                hidden = _in_background(_package_hidden_cells, path, name)
             chosen = book.get_sheet_by_name(name)
             rows = chosen.to_python(skip_empty_area=False)
             if not any(any(v != "" for v in row) for row in rows):
@@ -297,18 +299,30 @@ def _sheet_part(package: zipfile.ZipFile, name: str) -> str | None:
     return None
 
 
+_BACKGROUND_SCAN_BYTES = 2_000_000  # below, starting a thread costs about what the scan does
+
+
+def _part_size(package: zipfile.ZipFile, name: str) -> int:
+    """Uncompressed size of the sheet's part (0 when it cannot be found)."""
+    try:
+        part = _sheet_part(package, name)
+        return package.getinfo(part).file_size if part else 0
+    except (KeyError, zipfile.BadZipFile):
+        return 0
+
+
 def _in_background(function, *args) -> Future:
     """Run `function(*args)` on a new thread; the future holds its result or exception."""
     future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(function(*args))
-        except BaseException as exc:  # handed to whoever asks for the result
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="hidden-cells", daemon=True).start()
+    threading.Thread(target=_settle, args=(future, function, *args), name="hidden-cells", daemon=True).start()
     return future
+
+
+def _settle(future: Future, function, *args) -> None:
+    try:
+        future.set_result(function(*args))
+    except BaseException as exc:  # handed to whoever asks for the result
+        future.set_exception(exc)
 
 
 def _package_hidden_cells(path: Path, name: str) -> tuple[dict[tuple[int, int], str], dict[tuple[int, int], str]]:
