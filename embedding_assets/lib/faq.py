@@ -350,31 +350,41 @@ def _typed_cell_text(value: object, field: str, row: int, header: str, problems:
 
 def _column_text(values: list, field: str, first_row: int, header: str, found: list[tuple[int, str]]) -> list[str]:
     """One column's cells as normalised text; a cell that is not text is reported and read as empty."""
-    typed = []
-    if set(map(type, values)) != {str}:
-        typed = [i for i, value in enumerate(values) if type(value) is not str]
-        for i in typed:
-            problems: list[str] = []
-            values[i] = _typed_cell_text(values[i], field, first_row + i, header, problems)
-            found.extend((first_row + i, problem) for problem in problems)
-    if field in _REPEATING_FIELDS:  # a few distinct values: normalise each once
-        distinct = {value: normalize_text(value) for value in set(values)}
-        if any(key != text for key, text in distinct.items()):
-            values = [distinct[value] for value in values]
+    if field in _REPEATING_FIELDS:  # a few distinct values: check and normalise each once
+        distinct = set(values)
+        typed = []
+        if any(type(value) is not str for value in distinct):
+            typed = _report_typed_cells(values, field, first_row, header, found)
+            distinct = set(values)
+        normalised = {value: normalize_text(value) for value in distinct}
+        if any(key != text for key, text in normalised.items()):
+            values = [normalised[value] for value in values]
             for i in typed:
                 values[i] = _REPORTED
         return values
     # Mostly distinct, mostly clean: a few passes over the whole column find the cells to tidy.
+    if set(map(type, values)) != {str}:
+        _report_typed_cells(values, field, first_row, header, found)
     joined = "\n".join(values)
     if not (joined.isascii() or unicodedata.is_normalized("NFC", joined)):
         return [value if value is _REPORTED else normalize_text(value) for value in values]
     for i in compress(range(len(values)), map(not_, map(str.isprintable, values))):
         values[i] = _tidy(values[i])  # a line break, tab, invisible or control character
-    # Every cell is printable now; joined by single spaces, a cell's stray space shows as a double one.
+    # Joined by single spaces, a cell's stray space shows as a double one.
     spaced = " ".join(filter(None, values))
     if _DOUBLE_SPACE.search(spaced) or spaced[:1] == " " or spaced[-1:] == " ":
         return [v if "  " not in v and v[:1] != " " and v[-1:] != " " else _tidy(v) for v in values]
     return values
+
+
+def _report_typed_cells(values: list, field: str, first_row: int, header: str, found: list[tuple[int, str]]) -> list[int]:
+    """Replace each number, date or logical cell by its text or, reported, by an empty one; their indices."""
+    typed = [i for i, value in enumerate(values) if type(value) is not str]
+    for i in typed:
+        problems: list[str] = []
+        values[i] = _typed_cell_text(values[i], field, first_row + i, header, problems)
+        found.extend((first_row + i, problem) for problem in problems)
+    return typed
 
 
 _DOUBLE_SPACE = re.compile("  ")
