@@ -365,13 +365,14 @@ def _column_text(values: list, field: str, first_row: int, header: str, found: l
     # Mostly distinct, mostly clean: a few passes over the whole column find the cells to tidy.
     if set(map(type, values)) != {str}:
         _report_typed_cells(values, field, first_row, header, found)
-    joined = "\n".join(values)
-    if not (joined.isascii() or unicodedata.is_normalized("NFC", joined)):
-        return [value if value is _REPORTED else normalize_text(value) for value in values]
-    for i in compress(range(len(values)), map(not_, map(str.isprintable, values))):
-        values[i] = _tidy(values[i])  # a line break, tab, invisible or control character
-    # Joined by single spaces, a cell's stray space shows as a double one.
+    # Joined by single spaces (no character composes with one), a cell's stray space shows as a double one.
     spaced = " ".join(filter(None, values))
+    if not (spaced.isascii() or unicodedata.is_normalized("NFC", spaced)):
+        return [value if value is _REPORTED else normalize_text(value) for value in values]
+    if not spaced.isprintable():
+        for i in compress(range(len(values)), map(not_, map(str.isprintable, values))):
+            values[i] = _tidy(values[i])  # a line break, tab, invisible or control character
+        spaced = " ".join(filter(None, values))
     if _DOUBLE_SPACE.search(spaced) or spaced[:1] == " " or spaced[-1:] == " ":
         return [v if "  " not in v and v[:1] != " " and v[-1:] != " " else _tidy(v) for v in values]
     return values
