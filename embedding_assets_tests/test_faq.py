@@ -734,3 +734,29 @@ def test_a_file_that_is_not_what_its_name_says(tmp_path: Path, name: str, conten
     with pytest.raises(FaqError) as exc_info:
         parse_faq(tmp_path / name)
     assert exc_info.value.problems == [problem]
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["scanned-when-needed", "scanned-while-parsing"])
+def test_hidden_cells_read_alike_however_the_package_is_scanned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, background: bool
+) -> None:
+    import xlsxwriter
+
+    from embedding_assets.lib import sheets
+
+    monkeypatch.setattr(sheets, "_BACKGROUND_SCAN_BYTES", 0 if background else 10**12)
+    book = xlsxwriter.Workbook(str(tmp_path / "faq.xlsx"))
+    sheet = book.add_worksheet("FAQ")
+    for r, row in enumerate([*ROWS, _row("A-3", 3)]):
+        sheet.write_row(r, 0, row)
+    sheet.write_formula(2, 6, "=1/0", None, "#DIV/0!")
+    sheet.write_formula(3, 3, "=A1&B1", None, "")
+    book.close()
+    with pytest.raises(FaqError) as exc_info:
+        parse_faq(tmp_path / "faq.xlsx")
+    assert exc_info.value.problems == [
+        f"row 4, column {QUESTION!r}: formula =A1&B1 has no saved value; "
+        "open and save the workbook in Excel or LibreOffice, or paste the values"
+    ]
+    sheet_read = sheets.read_sheet(tmp_path / "faq.xlsx")
+    assert sheet_read.hidden_cells() == ({(4, 4): "=A1&B1"}, {(3, 7): "#DIV/0!"})

@@ -9,7 +9,9 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import not_
 from pathlib import Path
 
 from embedding_assets.lib.sheets import Sheet, SheetError, column_letter, read_sheet
@@ -29,7 +31,11 @@ def normalize_text(value: object) -> str:
     """Unicode NFC, invisible characters dropped, trimmed, every run of whitespace collapsed to one space."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    text = unicodedata.normalize("NFC", str(value))
+    return _tidy(unicodedata.normalize("NFC", str(value)))
+
+
+def _tidy(text: str) -> str:
+    """`normalize_text` of a text already in NFC."""
     if text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " ":
         return text  # the common case, quickly
     collapsed = " ".join(text.split())
@@ -151,60 +157,147 @@ def _read_faq(path: Path, columns: FaqColumns, sheet: str | int | None, header_r
     has_ids = "template_id" in positions
     first = header_index + 1
     data = grid.rows[first:]
+    count = len(data)
     width = max(positions.values()) + 1
-    if any(len(cells) < width for cells in data):
-        data = [cells if len(cells) >= width else [*cells, *[""] * (width - len(cells))] for cells in data]
-    by_column = list(zip(*data)) if data else [()] * width
+    if data and min(map(len, data)) < width:
+        data = [row if len(row) >= width else [*row, *[""] * (width - len(row))] for row in data]
     found: list[tuple[int, str]] = []  # (row, problem), sorted by row at the end
-    columns_text = {
-        field: _column_text(list(by_column[col]), field, first + 1, headers[field], found)
-        for field, col in positions.items()
-    }
-    blank = [""] * len(data)
-    category, subcategory, question, answer = (columns_text[f] for f in REQUIRED_FIELDS)
-    priority, audience = (columns_text.get(f, blank) for f in OPTIONAL_FIELDS)
-    ids = columns_text.get("template_id", blank)
-    templates: list[Template] = []
-    append = templates.append
-    id_rows: dict[str, int] = {}
-    row = first
-    for values in zip(category, subcategory, question, answer, priority, audience, ids):
-        row += 1
-        if "" in values:
-            if not any(values):
-                continue
-            values = _fill_hidden_cells(grid, row, values, positions, headers, found)
-            for field, value in zip(REQUIRED_FIELDS, values):
-                if not value and value is not _REPORTED:
-                    found.append((row, f"row {row}, column {headers[field]!r}: empty {field}"))
-        c, s, q, a, p, au, template_id = values
-        if not has_ids:
-            template_id = derived_template_id(c, s, q)
-        elif template_id in id_rows:
-            found.append((
-                row,
-                f"row {row}, column {headers['template_id']!r}: duplicate id {template_id!r} "
-                f"(first used in row {id_rows[template_id]})",
-            ))
-        elif not template_id:
-            if template_id is not _REPORTED:
-                found.append((row, f"row {row}, column {headers['template_id']!r}: empty id"))
-        else:
-            id_rows[template_id] = row
-        append(Template(template_id, c, s, q, a, p, au, row))
+    # Column by column, in the order of _FIELDS; a column the sheet does not have reads as empty.
+    cells = [
+        _column_text([row[positions[field]] for row in data], field, first + 1, headers[field], found)
+        if field in positions
+        else [""] * count
+        for field in _FIELDS
+    ]
+    blank_rows = _check_incomplete_rows(grid, first, cells, positions, headers, found)
+    if has_ids:
+        _check_ids(cells[-1], blank_rows, first, headers["template_id"], found)
     found.sort(key=lambda item: item[0])
     problems = [problem for _, problem in found]
     if problems:
         raise FaqError(path, problems)
-    if not templates:
+    source_rows = range(first + 1, first + 1 + count)
+    if blank_rows:
+        kept = [i not in blank_rows for i in range(count)]
+        cells = [list(compress(column, kept)) for column in cells]
+        source_rows = list(compress(source_rows, kept))
+    if not source_rows:
         raise FaqError(path, ["the sheet has a header but no templates"])
+    category, subcategory, question, answer, priority, audience, ids = cells
+    if not has_ids:
+        ids = _disambiguate(list(map(derived_template_id, category, subcategory, question)))
+    templates = list(map(_new_template, ids, category, subcategory, question, answer, priority, audience, source_rows))
     return FaqSheet(
-        templates=templates if has_ids else _disambiguate(templates),
+        templates=templates,
         sheet=grid.name,
         header_row=header_index + 1,
         note=f"{grid.note()}; headers in row {header_index + 1}",
         other_sheets=[s.name for s in grid.sheets if s.name != grid.name],
     )
+
+
+_FIELDS = (*REQUIRED_FIELDS, *OPTIONAL_FIELDS, "template_id")
+
+
+def _check_incomplete_rows(
+    grid: Sheet, first: int, cells: list[list[str]], positions: dict[str, int], headers: dict[str, str], found: list
+) -> set[int]:
+    """Empty cells: blank rows are returned (to skip), hidden values filled in, empty required cells reported."""
+    present = [k for k, field in enumerate(_FIELDS) if field in positions]
+    empty = {k: set(compress(range(len(cells[k])), map(not_, cells[k]))) if "" in cells[k] else set() for k in present}
+    blank_rows = set.intersection(*empty.values())  # a column the sheet lacks is empty in every row
+    for k in present:
+        empty[k] -= blank_rows
+    if grid.package_path is not None and any(empty.values()):
+        _fill_hidden_cells(grid, first, cells, empty, positions, headers, found)
+    missing = []
+    for k, field in enumerate(REQUIRED_FIELDS):
+        column = cells[k]
+        missing.extend((i, k) for i in empty[k] if not column[i] and column[i] is not _REPORTED)
+    for i, k in sorted(missing):
+        row = first + 1 + i
+        found.append((row, f"row {row}, column {headers[REQUIRED_FIELDS[k]]!r}: empty {REQUIRED_FIELDS[k]}"))
+    return blank_rows
+
+
+def _fill_hidden_cells(
+    grid: Sheet,
+    first: int,
+    cells: list[list[str]],
+    empty: dict[int, set[int]],
+    positions: dict[str, int],
+    headers: dict[str, str],
+    found: list,
+) -> None:
+    """Empty-looking .xlsx cells: a formula whose value was never saved is refused, an error value is read."""
+    unsaved, errors = grid.hidden_cells()
+    if not unsaved and not errors:
+        return
+    fields_at: dict[int, list[int]] = {}  # sheet column (1-based) -> indices into _FIELDS
+    for k, field in enumerate(_FIELDS):
+        if field in positions:
+            fields_at.setdefault(positions[field] + 1, []).append(k)
+
+    def hidden(found_cells: dict[tuple[int, int], str]) -> list[tuple[int, int, str]]:
+        """(data row index, field index, text) of each hidden cell in an empty cell of a read column."""
+        return sorted(
+            (row - first - 1, k, text)
+            for (row, col), text in found_cells.items()
+            for k in fields_at.get(col, ())
+            if row - first - 1 in empty[k] and cells[k][row - first - 1] is not _REPORTED
+        )
+
+    for i, k, formula in hidden(unsaved):
+        row = first + 1 + i
+        found.append((
+            row,
+            f"row {row}, column {headers[_FIELDS[k]]!r}: formula {formula} has no saved value; "
+            "open and save the workbook in Excel or LibreOffice, or paste the values",
+        ))
+        cells[k][i] = _REPORTED
+    for i, k, value in hidden(errors):
+        cells[k][i] = value
+
+
+def _check_ids(ids: list[str], blank_rows: set[int], first: int, header: str, found: list) -> None:
+    """Every id present and used once."""
+    if "" not in ids and len(set(ids)) == len(ids):
+        return
+    id_rows: dict[str, int] = {}
+    for i, template_id in enumerate(ids):
+        if i in blank_rows:
+            continue
+        row = first + 1 + i
+        if template_id in id_rows:
+            found.append((
+                row,
+                f"row {row}, column {header!r}: duplicate id {template_id!r} (first used in row {id_rows[template_id]})",
+            ))
+        elif not template_id:
+            if template_id is not _REPORTED:
+                found.append((row, f"row {row}, column {header!r}: empty id"))
+        else:
+            id_rows[template_id] = row
+
+
+def _new_template(
+    template_id: str, category: str, subcategory: str, question: str, answer: str, priority: str, audience: str, row: int
+) -> Template:
+    """Template(...) without its frozen __init__, which sets each field through object.__setattr__ (the reader's largest cost)."""
+    template = _new_object(Template)
+    fields = template.__dict__
+    fields["template_id"] = template_id
+    fields["category"] = category
+    fields["subcategory"] = subcategory
+    fields["question"] = question
+    fields["answer"] = answer
+    fields["priority"] = priority
+    fields["audience"] = audience
+    fields["source_row"] = row
+    return template
+
+
+_new_object = object.__new__
 
 
 def parse_faq(
@@ -257,63 +350,46 @@ def _typed_cell_text(value: object, field: str, row: int, header: str, problems:
 
 def _column_text(values: list, field: str, first_row: int, header: str, found: list[tuple[int, str]]) -> list[str]:
     """One column's cells as normalised text; a cell that is not text is reported and read as empty."""
-    typed = []
-    if set(map(type, values)) != {str}:
-        typed = [i for i, value in enumerate(values) if type(value) is not str]
-        for i in typed:
-            problems: list[str] = []
-            values[i] = _typed_cell_text(values[i], field, first_row + i, header, problems)
-            found.extend((first_row + i, problem) for problem in problems)
-    if field in _REPEATING_FIELDS:  # a few distinct values: normalise each once
-        distinct = {value: normalize_text(value) for value in set(values)}
-        if any(key != text for key, text in distinct.items()):
-            values = [distinct[value] for value in values]
+    if field in _REPEATING_FIELDS:  # a few distinct values: check and normalise each once
+        distinct = set(values)
+        typed = []
+        if any(type(value) is not str for value in distinct):
+            typed = _report_typed_cells(values, field, first_row, header, found)
+            distinct = set(values)
+        normalised = {value: normalize_text(value) for value in distinct}
+        if any(key != text for key, text in normalised.items()):
+            values = [normalised[value] for value in values]
             for i in typed:
                 values[i] = _REPORTED
         return values
-    # Mostly distinct, mostly clean: check the whole column at once, then cell by cell.
-    joined = "\n".join(values)
-    if not unicodedata.is_normalized("NFC", joined):
+    # Mostly distinct, mostly clean: a few passes over the whole column find the cells to tidy.
+    if set(map(type, values)) != {str}:
+        _report_typed_cells(values, field, first_row, header, found)
+    # Joined by single spaces (no character composes with one), a cell's stray space shows as a double one.
+    spaced = " ".join(filter(None, values))
+    if not (spaced.isascii() or unicodedata.is_normalized("NFC", spaced)):
         return [value if value is _REPORTED else normalize_text(value) for value in values]
-    if (
-        all(map(str.isprintable, values))
-        and "  " not in joined
-        and " \n" not in joined
-        and "\n " not in joined
-        and joined[:1] != " "
-        and joined[-1:] != " "
-    ):
-        return values
-    return [
-        v if v.isprintable() and "  " not in v and v[:1] != " " and v[-1:] != " " else normalize_text(v) for v in values
-    ]
+    if not spaced.isprintable():
+        for i in compress(range(len(values)), map(not_, map(str.isprintable, values))):
+            values[i] = _tidy(values[i])  # a line break, tab, invisible or control character
+        spaced = " ".join(filter(None, values))
+    if _DOUBLE_SPACE.search(spaced) or spaced[:1] == " " or spaced[-1:] == " ":
+        return [v if "  " not in v and v[:1] != " " and v[-1:] != " " else _tidy(v) for v in values]
+    return values
 
 
+def _report_typed_cells(values: list, field: str, first_row: int, header: str, found: list[tuple[int, str]]) -> list[int]:
+    """Replace each number, date or logical cell by its text or, reported, by an empty one; their indices."""
+    typed = [i for i, value in enumerate(values) if type(value) is not str]
+    for i in typed:
+        problems: list[str] = []
+        values[i] = _typed_cell_text(values[i], field, first_row + i, header, problems)
+        found.extend((first_row + i, problem) for problem in problems)
+    return typed
+
+
+_DOUBLE_SPACE = re.compile("  ")
 _REPEATING_FIELDS = frozenset({"category", "subcategory", "priority", "audience"})
-
-
-def _fill_hidden_cells(
-    grid: Sheet, row: int, values: tuple, positions: dict[str, int], headers: dict[str, str], found: list
-) -> tuple:
-    """Empty-looking .xlsx cells: a formula whose value was never saved is refused, an error value is read."""
-    if grid.package_path is None:
-        return values
-    unsaved, errors = grid.hidden_cells()
-    filled = list(values)
-    for i, field in enumerate((*REQUIRED_FIELDS, *OPTIONAL_FIELDS, "template_id")):
-        if values[i] != "" or values[i] is _REPORTED or field not in positions:
-            continue
-        position = (row, positions[field] + 1)
-        if position in unsaved:
-            found.append((
-                row,
-                f"row {row}, column {headers[field]!r}: formula {unsaved[position]} has no saved value; "
-                "open and save the workbook in Excel or LibreOffice, or paste the values",
-            ))
-            filled[i] = _REPORTED
-        elif position in errors:
-            filled[i] = errors[position]
-    return tuple(filled)
 
 
 def _find_header(
@@ -396,14 +472,14 @@ def missing_id_column_problems(
     return problems
 
 
-def _disambiguate(templates: list[Template]) -> list[Template]:
-    """Give repeated (category, subcategory, question) rows distinct ids: t-…, t-…-2, t-…-3."""
+def _disambiguate(ids: list[str]) -> list[str]:
+    """Repeated (category, subcategory, question) rows get distinct ids: t-…, t-…-2, t-…-3."""
+    if len(set(ids)) == len(ids):
+        return ids
     seen: Counter[str] = Counter()
     result = []
-    for template in templates:
-        seen[template.template_id] += 1
-        count = seen[template.template_id]
-        if count > 1:
-            template = replace(template, template_id=f"{template.template_id}-{count}")
-        result.append(template)
+    for template_id in ids:
+        seen[template_id] += 1
+        count = seen[template_id]
+        result.append(f"{template_id}-{count}" if count > 1 else template_id)
     return result

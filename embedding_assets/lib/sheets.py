@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import io
 import re
+import threading
 import zipfile
 from collections import Counter
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -51,16 +53,16 @@ class Sheet:
     sheets: list[SheetInfo]
     how_chosen: str
     package_path: Path | None = None  # an .xlsx/.xlsm package whose cells calamine reads as empty can be looked up
-    _hidden: tuple[dict, dict] | None = field(default=None, repr=False)
+    _hidden: Future | None = field(default=None, repr=False)
 
     def hidden_cells(self) -> tuple[dict[tuple[int, int], str], dict[tuple[int, int], str]]:
         """Cells read as empty that are not: {(row, column): formula} without a saved value, {(row, column): error value}."""
-        if self._hidden is None:
-            self._hidden = ({}, {})
-            if self.package_path is not None:
-                with zipfile.ZipFile(self.package_path) as package:
-                    self._hidden = _hidden_cells(package, self.name)
-        return self._hidden
+        if self.package_path is None:
+            return {}, {}
+        if self._hidden is None:  # not scanned while the sheet was parsed: scan now
+            self._hidden = Future()
+            _settle(self._hidden, _package_hidden_cells, self.package_path, self.name)
+        return self._hidden.result()
 
     def note(self) -> str:
         """Which sheet was read, and the workbook's other sheets."""
@@ -154,6 +156,7 @@ def _read_workbook(path: Path, suffix: str, sheet: str | int | None) -> Sheet:
     import python_calamine
 
     package = _open_package(path, suffix) if suffix in _ZIP_SUFFIXES else None
+    hidden: Future | None = None
     try:
         try:
             if suffix == path.suffix.lower():
@@ -171,17 +174,24 @@ def _read_workbook(path: Path, suffix: str, sheet: str | int | None) -> Sheet:
                 for m in book.sheets_metadata
             ]
             name, how = _choose_sheet(infos, sheet, _active_sheet(package, suffix, infos))
+            ooxml = package is not None and suffix in _OOXML_SUFFIXES
+            if ooxml and _part_size(package, name) >= _BACKGROUND_SCAN_BYTES:
+                # calamine parses the sheet without holding the GIL: meanwhile, look for its hidden cells
+                hidden = _in_background(_package_hidden_cells, path, name)
             chosen = book.get_sheet_by_name(name)
             rows = chosen.to_python(skip_empty_area=False)
             if not any(any(v != "" for v in row) for row in rows):
                 raise SheetError([_empty_sheet_problem(book, infos, name)])
             merged = chosen.merged_cell_ranges or []
         _fill_merged_cells(rows, merged)
-        ooxml = package is not None and suffix in _OOXML_SUFFIXES
-        return Sheet(name=name, rows=rows, sheets=infos, how_chosen=how, package_path=path if ooxml else None)
+        return Sheet(
+            name=name, rows=rows, sheets=infos, how_chosen=how, package_path=path if ooxml else None, _hidden=hidden
+        )
     finally:
         if package is not None:
             package.close()
+        if hidden is not None:
+            wait([hidden])  # nothing is left running once the sheet is read; a failure surfaces when asked for
 
 
 def _open_package(path: Path, suffix: str) -> zipfile.ZipFile:
@@ -287,6 +297,37 @@ def _sheet_part(package: zipfile.ZipFile, name: str) -> str | None:
             target = attributes[b"Target"].decode("utf-8")
             return target.lstrip("/") if target.startswith("/") else str(PurePosixPath("xl") / target)
     return None
+
+
+_BACKGROUND_SCAN_BYTES = 2_000_000  # below, starting a thread costs about what the scan does
+
+
+def _part_size(package: zipfile.ZipFile, name: str) -> int:
+    """Uncompressed size of the sheet's part (0 when it cannot be found)."""
+    try:
+        part = _sheet_part(package, name)
+        return package.getinfo(part).file_size if part else 0
+    except (KeyError, zipfile.BadZipFile):
+        return 0
+
+
+def _in_background(function, *args) -> Future:
+    """Run `function(*args)` on a new thread; the future holds its result or exception."""
+    future: Future = Future()
+    threading.Thread(target=_settle, args=(future, function, *args), name="hidden-cells", daemon=True).start()
+    return future
+
+
+def _settle(future: Future, function, *args) -> None:
+    try:
+        future.set_result(function(*args))
+    except BaseException as exc:  # handed to whoever asks for the result
+        future.set_exception(exc)
+
+
+def _package_hidden_cells(path: Path, name: str) -> tuple[dict[tuple[int, int], str], dict[tuple[int, int], str]]:
+    with zipfile.ZipFile(path) as package:
+        return _hidden_cells(package, name)
 
 
 def _hidden_cells(package: zipfile.ZipFile, name: str) -> tuple[dict[tuple[int, int], str], dict[tuple[int, int], str]]:
