@@ -563,6 +563,15 @@ def test_whole_numbers_in_id_priority_and_audience_read_as_their_digits(tmp_path
     assert parse_faq(path) == [Template("101", "Карты", "Выпуск", "Как заказать карту?", "Ответ.", "1", "2024", 2)]
 
 
+def test_a_whole_number_priority_keeps_its_digits_when_another_cell_of_its_column_is_tidied(tmp_path: Path) -> None:
+    rows = [
+        ["A-1", "Карты", "Выпуск", "Как заказать карту?", 3, "все", "Ответ 1."],
+        ["A-2", "Карты", "Выпуск", "Как закрыть карту?", "высокий  ", "все", "Ответ 2."],
+    ]
+    path = write_rows(tmp_path / "faq.xlsx", [HEADER, *rows])
+    assert [(t.template_id, t.priority) for t in parse_faq(path)] == [("A-1", "3"), ("A-2", "высокий")]
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [

@@ -352,14 +352,15 @@ def _column_text(values: list, field: str, first_row: int, header: str, found: l
     """One column's cells as normalised text; a cell that is not text is reported and read as empty."""
     if field in _REPEATING_FIELDS:  # a few distinct values: check and normalise each once
         distinct = set(values)
-        typed = []
+        reported = []
         if any(type(value) is not str for value in distinct):
             typed = _report_typed_cells(values, field, first_row, header, found)
+            reported = [i for i in typed if values[i] is _REPORTED]
             distinct = set(values)
         normalised = {value: normalize_text(value) for value in distinct}
         if any(key != text for key, text in normalised.items()):
             values = [normalised[value] for value in values]
-            for i in typed:
+            for i in reported:  # normalising made them plain empty strings
                 values[i] = _REPORTED
         return values
     # Mostly distinct, mostly clean: a few passes over the whole column find the cells to tidy.
