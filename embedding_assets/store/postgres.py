@@ -49,9 +49,10 @@ PAGE_SIZE = 500
 COPY_ROWS = 10_000
 MAX_EF_SEARCH = 1000
 # hnsw.ef_search of every database search (at least 2k for top-k): the candidate list the HNSW
-# graph walk keeps. At 100k rows pgvector's default of 40 found 0.88-0.89 of the exact top 10
-# (bench/bench_pgvector.py); 200 finds 0.98-0.99, plain or filtered, at 384 and 1024 dimensions.
-DEFAULT_EF_SEARCH = 200
+# graph walk keeps. At 100k rows pgvector's default of 40 found 0.86-0.89 of the exact top 10
+# (bench/bench_pgvector.py); 150 is the smallest setting measured that finds >= 0.965, plain or
+# within a category, at 384 and 1024 dimensions; the walk's cost grows with it.
+DEFAULT_EF_SEARCH = 150
 EF_SEARCH_VAR = "EMBEDDING_ASSETS_PG_EF_SEARCH"
 _SCHEMA_LOCK = "embedding_assets.schema"
 _WRITER_LOCK = "embedding_assets.writer"
