@@ -8,7 +8,7 @@ BENCH_TEXTS ?= 2000
 UI_PORT ?= 3000
 SAMPLE_QUERY ?= украли телефон, а на нём приложение банка — что делать?
 
-.PHONY: run test check ui serve bench clean
+.PHONY: run test check ui serve bench bench-peer clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench: $(VENV)/.installed-test  ## benchmarks: print their tables
 	$(BIN)/python bench/bench_pgvector.py
 	$(BIN)/python bench/bench_retrieval.py
 	$(BIN)/python bench/bench_faq.py
+
+bench-peer: $(VENV)/.installed-test  ## the pipeline next to LangChain's indexing API (installs the bench extra)
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	$(BIN)/python bench/bench_peer.py --sizes 201 2000 20000
 
 clean:
 	rm -rf $(VENV) .dagster_home data/embeddings.db data/embeddings.db-wal data/embeddings.db-shm

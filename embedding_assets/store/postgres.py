@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -47,6 +48,12 @@ SCHEMA_VERSION = 1
 PAGE_SIZE = 500
 COPY_ROWS = 10_000
 MAX_EF_SEARCH = 1000
+# hnsw.ef_search of every database search (at least 2k for top-k): the candidate list the HNSW
+# graph walk keeps. At 100k rows pgvector's default of 40 found 0.86-0.89 of the exact top 10
+# (bench/bench_pgvector.py); 150 is the smallest setting measured that finds >= 0.965, plain or
+# within a category, at 384 and 1024 dimensions; the walk's cost grows with it.
+DEFAULT_EF_SEARCH = 150
+EF_SEARCH_VAR = "EMBEDDING_ASSETS_PG_EF_SEARCH"
 _SCHEMA_LOCK = "embedding_assets.schema"
 _WRITER_LOCK = "embedding_assets.writer"
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
@@ -94,6 +101,16 @@ _CACHE_KINDS = ("text", "text", "text", "vector", "text")
 _INT4 = struct.Struct(">i")
 
 
+
+
+def configured_ef_search() -> int:
+    """hnsw.ef_search from EMBEDDING_ASSETS_PG_EF_SEARCH (1 to MAX_EF_SEARCH), else DEFAULT_EF_SEARCH."""
+    raw = os.environ.get(EF_SEARCH_VAR, "").strip()
+    if not raw:
+        return DEFAULT_EF_SEARCH
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_EF_SEARCH:
+        raise StoreError(f"{EF_SEARCH_VAR}={raw!r}: expected a whole number from 1 to {MAX_EF_SEARCH}")
+    return int(raw)
 
 
 def hnsw_index_name(key: str, dimension: int) -> str:
@@ -517,6 +534,13 @@ class PostgresStore(PublishingStore):
             pairs = cur.fetchall()
         return {c for c, _ in pairs}, {s for _, s in pairs}
 
+    ef_search: int | None = None  # None: EMBEDDING_ASSETS_PG_EF_SEARCH, else DEFAULT_EF_SEARCH
+
+    def search_ef(self, k: int) -> int:
+        """The hnsw.ef_search a top-k database search runs with."""
+        configured = self.ef_search if self.ef_search is not None else configured_ef_search()
+        return min(max(configured, 2 * k), MAX_EF_SEARCH)
+
     def search(
         self,
         key: str,
@@ -535,7 +559,7 @@ class PostgresStore(PublishingStore):
             query = np.asarray(query_vector, dtype=np.float32).reshape(-1)
             if query.shape != (dimension,):
                 raise StoreError(f"model version {key!r}: query vector has shape {query.shape}, expected ({dimension},)")
-            cur.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(min(max(40, 2 * k), MAX_EF_SEARCH)),))
+            cur.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(self.search_ef(k)),))
             if (category or subcategory) and self._extension_version and _at_least(self._extension_version, (0, 8)):
                 cur.execute("SELECT set_config('hnsw.iterative_scan', 'strict_order', true)")
             # The same predicate as the version's partial HNSW index, so the planner can use it.
