@@ -23,6 +23,10 @@ DAGSTER_WRAPPERS = frozenset(
         "DagsterUserCodeExecutionError",
     }
 )
+EXIT_OK = 0
+EXIT_RUN_FAILED = 1  # a run failed before publishing: the store is unchanged
+EXIT_USAGE = 2  # click's code for a bad option or argument
+EXIT_FAILED_AFTER_PUBLISH = 3  # a run published a new generation, then a later step (a check) failed
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
@@ -30,24 +34,50 @@ def _emit(payload: object, as_json: bool, text: str) -> None:
     click.echo(json.dumps(payload, ensure_ascii=False) if as_json else text)
 
 
-def run_failure_message(result) -> str:
-    """The user-facing message of the first failed step, without Dagster's wrapping."""
+def run_failures(result) -> list[dict[str, str]]:
+    """Each failed step with the user-facing message of its error, without Dagster's wrapping."""
+    failures = []
     for event in result.all_events:
         if event.is_step_failure:
-            error = event.step_failure_data.error
-            while error.cause is not None and error.cls_name in DAGSTER_WRAPPERS:
-                error = error.cause
-            message = error.message.strip()
-            prefix = f"{error.cls_name}: "
-            if prefix in message:
-                message = message.split(prefix, 1)[1]
-            return f"step {event.step_key} failed: {message}"
-    return "the run failed"
+            failures.append({"step": event.step_key, "message": _own_message(event.step_failure_data.error)})
+    if not failures:
+        for event in result.all_events:
+            if event.is_run_failure and event.event_specific_data.error is not None:
+                failures.append({"step": None, "message": _own_message(event.event_specific_data.error)})
+    return failures
+
+
+def _own_message(error) -> str:
+    while error.cause is not None and error.cls_name in DAGSTER_WRAPPERS:
+        error = error.cause
+    message = error.message.strip()
+    prefix = f"{error.cls_name}: "
+    if prefix in message:
+        message = message.split(prefix, 1)[1]
+    return message
+
+
+def _described(failure: dict[str, str | None]) -> str:
+    return f"step {failure['step']} failed: {failure['message']}" if failure["step"] else failure["message"]
+
+
+def run_failure_message(result) -> str:
+    """The first failed step and its error's own message."""
+    failures = run_failures(result)
+    return _described(failures[0]) if failures else "the run failed"
 
 
 @click.group()
 def main() -> None:
-    """Keep a FAQ's embeddings fresh, cheap and safe to serve."""
+    """Keep a FAQ's embeddings fresh, cheap and safe to serve.
+
+    \b
+    Exit codes:
+      0  success
+      1  the command failed; a failed `materialize` run published nothing
+      2  usage error (unknown option, bad value, unknown model version)
+      3  `materialize` published a new generation, then a later step (a check) failed
+    """
 
 
 @main.command()
@@ -77,62 +107,81 @@ def materialize(model_key: str | None, force: bool, as_json: bool, faq_path: str
         raise click.UsageError(f"unknown model version {model_key!r}; declared: {', '.join(v.key for v in versions)}")
     job = defs().resolve_job_def(EMBED_FAQ_JOB)
     run_config = {**QUIET_LOGS, "ops": {"change_plan": {"config": {"force": force}}}}
-    failed = False
+    exit_code = EXIT_OK
     with dg.DagsterInstance.get() as instance:
         for key in keys:
             result = job.execute_in_process(
                 instance=instance, partition_key=key, run_config=run_config, raise_on_error=False
             )
-            if not result.success:
-                failed = True
-                click.echo(f"{key}: {run_failure_message(result)}", err=True)
-                click.echo(f"{key}: the published store is unchanged (run {result.run_id})", err=True)
-                continue
-            summary, text = _run_summary(key, result)
-            _emit(summary, as_json, text)
-    if failed:
-        sys.exit(1)
+            report = run_report(key, result)
+            if report["success"] or report["published"]:
+                _emit(report, as_json, summary_text(report))
+            elif as_json:
+                _emit(report, as_json, "")
+            if not report["success"]:
+                exit_code = max(exit_code, EXIT_FAILED_AFTER_PUBLISH if report["published"] else EXIT_RUN_FAILED)
+                if not as_json:
+                    click.echo(failure_text(report), err=True)
+    sys.exit(exit_code)
 
 
-def _run_summary(key: str, result) -> tuple[dict, str]:
-    plan = result.output_for_node("change_plan")
-    published = {}
-    embedded = calls = embed_ms = 0
-    cost: dict = {"requests": 0, "inputs": 0, "tokens": None, "retries": 0}
+def run_report(key: str, result) -> dict:
+    """What a run did, from its events: the plan, the embedding cost, what it published, and its errors."""
+    counts = result.output_for_node("change_plan").counts() if result.is_node_success("change_plan") else {}
+    embedded: dict = {}
+    published: dict = {}
     for event in result.get_asset_materialization_events():
         materialization = event.event_specific_data.materialization
         name = materialization.asset_key.to_user_string()
         values = {k: v.value for k, v in materialization.metadata.items()}
         if name == "template_embeddings":
-            embedded, calls, embed_ms = values["embedded"], values["embedding_calls"], values["embed_ms"]
-            cost = {item: values.get(item) for item in cost}
+            embedded = values
         elif name == "embedding_store":
             published = values
-    summary = {
+    return {
         "model_version": key,
-        **plan.counts(),
-        "embedded": embedded,
-        "embedding_calls": calls,
-        "embed_ms": embed_ms,
-        **cost,
-        "rows": published["rows"],
-        "generation": published["generation"],
-        "published": published["published"],
-        "current": published["current_version"],
-        "store": published["store"],
+        "success": result.success,
+        **{name: counts.get(name) for name in ("new", "modified", "deleted", "unchanged", "metadata_updated")},
+        "embedded": embedded.get("embedded"),
+        "embedding_calls": embedded.get("embedding_calls"),
+        "embed_ms": embedded.get("embed_ms"),
+        **{item: embedded.get(item, 0 if item != "tokens" else None) for item in ("requests", "inputs", "tokens", "retries")},
+        "rows": published.get("rows"),
+        "generation": published.get("generation"),
+        "published": bool(published.get("published")),
+        "current": published.get("current_version"),
+        "store": published.get("store"),
+        "errors": run_failures(result) if not result.success else [],
         "run_id": result.run_id,
     }
-    c = summary
-    text = (
+
+
+def summary_text(c: dict) -> str:
+    key = c["model_version"]
+    if c["published"]:
+        outcome = f"published generation {c['generation']}: {c['rows']} rows"
+    else:
+        outcome = f"{c['rows']} rows at generation {c['generation']}"
+    return (
         f"{key}: {c['new']} new, {c['modified']} modified, {c['deleted']} deleted, {c['unchanged']} unchanged "
         f"({c['metadata_updated']} with updated fields); embedded {c['embedded']} text(s) in "
-        f"{c['embedding_calls']} call(s); {c['rows']} rows at generation {c['generation']}"
-        f"{' (current)' if c['current'] else ''} in {c['store']}\n"
+        f"{c['embedding_calls']} call(s); {outcome}{' (current)' if c['current'] else ''} in {c['store']}\n"
         f"{key}: cost {c['requests']} request(s), {c['inputs']} input(s), "
         f"{'n/a' if c['tokens'] is None else c['tokens']} token(s), {c['retries']} retries, "
-        f"{c['embed_ms'] / 1000:.2f} s"
+        f"{(c['embed_ms'] or 0) / 1000:.2f} s"
     )
-    return summary, text
+
+
+def failure_text(c: dict) -> str:
+    key = c["model_version"]
+    lines = [f"{key}: {_described(failure)}" for failure in c["errors"] or [{"step": None, "message": "the run failed"}]]
+    if c["published"]:
+        lines.append(
+            f"{key}: published generation {c['generation']} is live; a step after the publish failed (run {c['run_id']})"
+        )
+    else:
+        lines.append(f"{key}: the published store is unchanged (run {c['run_id']})")
+    return "\n".join(lines)
 
 
 @contextmanager
