@@ -30,6 +30,20 @@ EXIT_FAILED_AFTER_PUBLISH = 3  # a run published a new generation, then a later 
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
+def store_option(command):
+    """`--store URL`: the store a command reads or writes (default: EMBEDDING_ASSETS_STORE, else data/embeddings.db)."""
+
+    def use_store(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
+        if value:
+            os.environ[settings.STORE_VAR] = value  # the Dagster definitions read it from the environment
+        return value
+
+    return click.option(
+        "--store", "store_url", expose_value=False, callback=use_store, is_eager=True,
+        help=f"Store URL (default: {settings.STORE_VAR} or data/embeddings.db).",
+    )(command)
+
+
 def _emit(payload: object, as_json: bool, text: str) -> None:
     click.echo(json.dumps(payload, ensure_ascii=False) if as_json else text)
 
@@ -86,6 +100,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model version.")
 @click.option("--faq", "faq_path", help=f"The FAQ file (default: {settings.FAQ_PATH_VAR}, the config's [faq] path, {settings.DEFAULT_FAQ_PATH}).")
 @click.option("--faq-sheet", help="The FAQ's sheet (default: the active sheet when visible, else the first visible one).")
+@store_option
 def materialize(model_key: str | None, force: bool, as_json: bool, faq_path: str | None, faq_sheet: str | None) -> None:
     """Run the embedding job in DAGSTER_HOME's instance (the runs show in the UI)."""
     settings.dagster_home()
@@ -205,6 +220,7 @@ def _existing_store(*, write: bool = False) -> Iterator[EmbeddingStore]:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@store_option
 def status(as_json: bool) -> None:
     """Published model versions: rows, generation, last publish."""
     url = settings.store_url()
@@ -237,6 +253,7 @@ VERSION_COLUMNS = ("model_version", "provider", "model", "dimension", "rows", "c
 
 @versions.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@store_option
 def versions_list(as_json: bool) -> None:
     """Every published version; the current one is marked with *."""
     with _existing_store() as store:
@@ -253,6 +270,7 @@ def versions_list(as_json: bool) -> None:
 
 @versions.command("promote")
 @click.argument("key")
+@store_option
 def versions_promote(key: str) -> None:
     """Make a published version the one readers use (one transaction)."""
     with _existing_store(write=True) as store:
@@ -266,6 +284,7 @@ def versions_promote(key: str) -> None:
 
 @versions.command("prune")
 @click.argument("key")
+@store_option
 def versions_prune(key: str) -> None:
     """Delete a version that is not current, with its cached vectors."""
     with _existing_store(write=True) as store:
@@ -275,11 +294,13 @@ def versions_prune(key: str) -> None:
 
 @main.command()
 @click.argument("text")
-@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1, 100), help="Number of templates.")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1, settings.MAX_TOP_K),
+              help=f"Number of templates (1–{settings.MAX_TOP_K}).")
 @click.option("--category", help="Only templates of this category.")
 @click.option("--subcategory", help="Only templates of this subcategory.")
 @click.option("--model", "model_key", help="Model version (default: the store's current one).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@store_option
 def search(
     text: str, top_k: int, category: str | None, subcategory: str | None, model_key: str | None, as_json: bool
 ) -> None:
@@ -308,7 +329,7 @@ def search(
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
-@click.option("--store", "store_url", help="Store URL (default: EMBEDDING_ASSETS_STORE or data/embeddings.db).")
+@store_option
 @click.option("--model", "model_key", help="Model version (default: the store's current one).")
 @click.option("--reload-interval", default=2.0, show_default=True, type=click.FloatRange(min=0.05),
               help="Seconds between checks for a new publish.")
@@ -316,19 +337,20 @@ def search(
               help="Weight of the BM25 score added to the cosine similarity (0: dense only).")
 @click.option("--search-timeout", default=15.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds a search may take before it is answered 504.")
-def serve(host: str, port: int, store_url: str | None, model_key: str | None, reload_interval: float,
+def serve(host: str, port: int, model_key: str | None, reload_interval: float,
           lexical_weight: float, search_timeout: float) -> None:
     """HTTP search service: /search, /healthz, /readyz, /docs; reloads on every new publish."""
     from embedding_assets.retrieval.service import serve as run_service
 
-    run_service(store_url or settings.store_url(), host=host, port=port, model_version=model_key,
+    run_service(settings.store_url(), host=host, port=port, model_version=model_key,
                 reload_interval=reload_interval, lexical_weight=lexical_weight, search_timeout=search_timeout)
 
 
 @main.command()
-@click.option("--queries", "queries_path", required=True, type=click.Path(dir_okay=False),
-              help="JSON file with a `validation_queries` list (query, correct_template_id, category, ...).")
-@click.option("--store", "store_url", help="Store URL (default: EMBEDDING_ASSETS_STORE or data/embeddings.db).")
+@click.option("--queries", "queries_path", type=click.Path(dir_okay=False),
+              help="JSON file with a `validation_queries` list (query, correct_template_id, category, ...); default: "
+                   f"{settings.VALIDATION_QUERIES_VAR}, else data/validation_queries.json of the project.")
+@store_option
 @click.option("--model", "model_key", help="Model version (default: the store's current one).")
 @click.option("--labels", "label_mode", type=click.Choice(["auto", "id", "row"]), default="auto", show_default=True,
               help="How correct_template_id names a template: its id, or `name_N` for the N-th data row "
@@ -336,16 +358,17 @@ def serve(host: str, port: int, store_url: str | None, model_key: str | None, re
 @click.option("--lexical-weight", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="Weight of the BM25 score added to the cosine similarity (0: dense only).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate(queries_path: str, store_url: str | None, model_key: str | None, label_mode: str,
+def evaluate(queries_path: str | None, model_key: str | None, label_mode: str,
              lexical_weight: float, as_json: bool) -> None:
     """Top-1/3/5 accuracy, MRR, per-category results and misses on labelled queries."""
     from embedding_assets.lib.embedders import EmbeddingError
     from embedding_assets.retrieval import TemplateRetriever
     from embedding_assets.retrieval.evaluation import QueriesFileError, evaluate as run_evaluation, load_queries
 
+    queries_path = queries_path or settings.validation_queries_path()
     try:
         queries = load_queries(queries_path)
-        retriever = TemplateRetriever.load(store_url or settings.store_url(), model_key, lexical_weight=lexical_weight)
+        retriever = TemplateRetriever.load(settings.store_url(), model_key, lexical_weight=lexical_weight)
         result = run_evaluation(retriever, queries, queries_file=queries_path, label_mode=label_mode)
     except (StoreError, QueriesFileError, EmbeddingError) as exc:
         raise click.ClickException(str(exc)) from exc
