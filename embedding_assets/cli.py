@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import click
 
@@ -112,6 +112,7 @@ def materialize(model_key: str | None, force: bool, as_json: bool, faq_path: str
     from embedding_assets.definitions import defs
     from embedding_assets.defs.jobs import EMBED_FAQ_JOB
     from embedding_assets.lib.model_versions import load_model_versions
+    from embedding_assets.lib.progress import listening
 
     versions = load_model_versions(settings.model_versions_path())
     if model_key is None:
@@ -123,11 +124,13 @@ def materialize(model_key: str | None, force: bool, as_json: bool, faq_path: str
     job = defs().resolve_job_def(EMBED_FAQ_JOB)
     run_config = {**QUIET_LOGS, "ops": {"change_plan": {"config": {"force": force}}}}
     exit_code = EXIT_OK
-    with dg.DagsterInstance.get() as instance:
+    display = ProgressDisplay(terminal=sys.stdout.isatty())
+    with dg.DagsterInstance.get() as instance, nullcontext() if as_json else listening(display):
         for key in keys:
             result = job.execute_in_process(
                 instance=instance, partition_key=key, run_config=run_config, raise_on_error=False
             )
+            display.close()
             report = run_report(key, result)
             if report["success"] or report["published"]:
                 _emit(report, as_json, summary_text(report))
@@ -138,6 +141,31 @@ def materialize(model_key: str | None, force: bool, as_json: bool, faq_path: str
                 if not as_json:
                     click.echo(failure_text(report), err=True)
     sys.exit(exit_code)
+
+
+class ProgressDisplay:
+    """Embedding progress: a bar (texts, batches, rate, ETA) on a terminal, else one plain line per batch."""
+
+    def __init__(self, terminal: bool):
+        self.terminal = terminal
+        self.bar = None
+
+    def __call__(self, progress) -> None:
+        if not self.terminal:
+            click.echo(progress.line())
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=progress.total, desc=f"{progress.model_version}: embedding", unit="text",
+                            file=sys.stdout, dynamic_ncols=True)
+        self.bar.set_postfix_str(f"batch {progress.batches} of {progress.batches_total}", refresh=False)
+        self.bar.update(progress.done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def run_report(key: str, result) -> dict:
