@@ -138,8 +138,7 @@ def materialize(model_key: str | None, force: bool, as_json: bool, faq_path: str
                 _emit(report, as_json, "")
             if not report["success"]:
                 exit_code = max(exit_code, EXIT_FAILED_AFTER_PUBLISH if report["published"] else EXIT_RUN_FAILED)
-                if not as_json:
-                    click.echo(failure_text(report), err=True)
+                click.echo(failure_text(report), err=True)
     sys.exit(exit_code)
 
 

@@ -92,7 +92,7 @@ def test_json_failure_after_the_publish_is_one_object_with_the_error_and_the_pub
         assert report["success"] is False
         assert [f["step"] for f in report["errors"]] == ["embedding_store_retrieval_quality"]
         assert "scripted failure 400" in report["errors"][0]["message"]
-    assert done.stderr == ""
+        assert f"{KEY}: published generation 1 is live; a step after the publish failed" in done.stderr
 
 
 def test_json_failure_before_the_publish_says_nothing_was_published(project, server):
@@ -109,7 +109,8 @@ def test_json_failure_before_the_publish_says_nothing_was_published(project, ser
     assert error["step"] == "template_embeddings"
     assert "scripted failure 400" in error["message"]
     assert not (project[0] / "store.db").exists() or store_generation_or_none(project) is None
-    assert done.stderr == ""
+    assert done.stderr.splitlines() == [f"{KEY}: step template_embeddings failed: {error['message']}",
+                                        f"{KEY}: the published store is unchanged (run {report['run_id']})"]
 
 
 def store_generation_or_none(project) -> int | None:
