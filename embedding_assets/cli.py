@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import click
 
@@ -23,31 +23,75 @@ DAGSTER_WRAPPERS = frozenset(
         "DagsterUserCodeExecutionError",
     }
 )
+EXIT_OK = 0
+EXIT_RUN_FAILED = 1  # a run failed before publishing: the store is unchanged
+EXIT_USAGE = 2  # click's code for a bad option or argument
+EXIT_FAILED_AFTER_PUBLISH = 3  # a run published a new generation, then a later step (a check) failed
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+
+def store_option(command):
+    """`--store URL`: the store a command reads or writes (default: EMBEDDING_ASSETS_STORE, else data/embeddings.db)."""
+
+    def use_store(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
+        if value:
+            os.environ[settings.STORE_VAR] = value  # the Dagster definitions read it from the environment
+        return value
+
+    return click.option(
+        "--store", "store_url", expose_value=False, callback=use_store, is_eager=True,
+        help=f"Store URL (default: {settings.STORE_VAR} or data/embeddings.db).",
+    )(command)
 
 
 def _emit(payload: object, as_json: bool, text: str) -> None:
     click.echo(json.dumps(payload, ensure_ascii=False) if as_json else text)
 
 
-def run_failure_message(result) -> str:
-    """The user-facing message of the first failed step, without Dagster's wrapping."""
+def run_failures(result) -> list[dict[str, str]]:
+    """Each failed step with the user-facing message of its error, without Dagster's wrapping."""
+    failures = []
     for event in result.all_events:
         if event.is_step_failure:
-            error = event.step_failure_data.error
-            while error.cause is not None and error.cls_name in DAGSTER_WRAPPERS:
-                error = error.cause
-            message = error.message.strip()
-            prefix = f"{error.cls_name}: "
-            if prefix in message:
-                message = message.split(prefix, 1)[1]
-            return f"step {event.step_key} failed: {message}"
-    return "the run failed"
+            failures.append({"step": event.step_key, "message": _own_message(event.step_failure_data.error)})
+    if not failures:
+        for event in result.all_events:
+            if event.is_run_failure and event.event_specific_data.error is not None:
+                failures.append({"step": None, "message": _own_message(event.event_specific_data.error)})
+    return failures
+
+
+def _own_message(error) -> str:
+    while error.cause is not None and error.cls_name in DAGSTER_WRAPPERS:
+        error = error.cause
+    message = error.message.strip()
+    prefix = f"{error.cls_name}: "
+    if prefix in message:
+        message = message.split(prefix, 1)[1]
+    return message
+
+
+def _described(failure: dict[str, str | None]) -> str:
+    return f"step {failure['step']} failed: {failure['message']}" if failure["step"] else failure["message"]
+
+
+def run_failure_message(result) -> str:
+    """The first failed step and its error's own message."""
+    failures = run_failures(result)
+    return _described(failures[0]) if failures else "the run failed"
 
 
 @click.group()
 def main() -> None:
-    """Keep a FAQ's embeddings fresh, cheap and safe to serve."""
+    """Keep a FAQ's embeddings fresh, cheap and safe to serve.
+
+    \b
+    Exit codes:
+      0  success
+      1  the command failed; a failed `materialize` run published nothing
+      2  usage error (unknown option, bad value, unknown model version)
+      3  `materialize` published a new generation, then a later step (a check) failed
+    """
 
 
 @main.command()
@@ -56,6 +100,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model version.")
 @click.option("--faq", "faq_path", help=f"The FAQ file (default: {settings.FAQ_PATH_VAR}, the config's [faq] path, {settings.DEFAULT_FAQ_PATH}).")
 @click.option("--faq-sheet", help="The FAQ's sheet (default: the active sheet when visible, else the first visible one).")
+@store_option
 def materialize(model_key: str | None, force: bool, as_json: bool, faq_path: str | None, faq_sheet: str | None) -> None:
     """Run the embedding job in DAGSTER_HOME's instance (the runs show in the UI)."""
     settings.dagster_home()
@@ -67,6 +112,7 @@ def materialize(model_key: str | None, force: bool, as_json: bool, faq_path: str
     from embedding_assets.definitions import defs
     from embedding_assets.defs.jobs import EMBED_FAQ_JOB
     from embedding_assets.lib.model_versions import load_model_versions
+    from embedding_assets.lib.progress import listening
 
     versions = load_model_versions(settings.model_versions_path())
     if model_key is None:
@@ -77,62 +123,107 @@ def materialize(model_key: str | None, force: bool, as_json: bool, faq_path: str
         raise click.UsageError(f"unknown model version {model_key!r}; declared: {', '.join(v.key for v in versions)}")
     job = defs().resolve_job_def(EMBED_FAQ_JOB)
     run_config = {**QUIET_LOGS, "ops": {"change_plan": {"config": {"force": force}}}}
-    failed = False
-    with dg.DagsterInstance.get() as instance:
+    exit_code = EXIT_OK
+    display = ProgressDisplay(terminal=sys.stdout.isatty())
+    with dg.DagsterInstance.get() as instance, nullcontext() if as_json else listening(display):
         for key in keys:
             result = job.execute_in_process(
                 instance=instance, partition_key=key, run_config=run_config, raise_on_error=False
             )
-            if not result.success:
-                failed = True
-                click.echo(f"{key}: {run_failure_message(result)}", err=True)
-                click.echo(f"{key}: the published store is unchanged (run {result.run_id})", err=True)
-                continue
-            summary, text = _run_summary(key, result)
-            _emit(summary, as_json, text)
-    if failed:
-        sys.exit(1)
+            display.close()
+            report = run_report(key, result)
+            if report["success"] or report["published"]:
+                _emit(report, as_json, summary_text(report))
+            elif as_json:
+                _emit(report, as_json, "")
+            if not report["success"]:
+                exit_code = max(exit_code, EXIT_FAILED_AFTER_PUBLISH if report["published"] else EXIT_RUN_FAILED)
+                click.echo(failure_text(report), err=True)
+    sys.exit(exit_code)
 
 
-def _run_summary(key: str, result) -> tuple[dict, str]:
-    plan = result.output_for_node("change_plan")
-    published = {}
-    embedded = calls = embed_ms = 0
-    cost: dict = {"requests": 0, "inputs": 0, "tokens": None, "retries": 0}
+class ProgressDisplay:
+    """Embedding progress: a bar (texts, batches, rate, ETA) on a terminal, else one plain line per batch."""
+
+    def __init__(self, terminal: bool):
+        self.terminal = terminal
+        self.bar = None
+
+    def __call__(self, progress) -> None:
+        if not self.terminal:
+            click.echo(progress.line())
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=progress.total, desc=f"{progress.model_version}: embedding", unit="text",
+                            file=sys.stdout, dynamic_ncols=True)
+        self.bar.set_postfix_str(f"batch {progress.batches} of {progress.batches_total}", refresh=False)
+        self.bar.update(progress.done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run_report(key: str, result) -> dict:
+    """What a run did, from its events: the plan, the embedding cost, what it published, and its errors."""
+    counts = result.output_for_node("change_plan").counts() if result.is_node_success("change_plan") else {}
+    embedded: dict = {}
+    published: dict = {}
     for event in result.get_asset_materialization_events():
         materialization = event.event_specific_data.materialization
         name = materialization.asset_key.to_user_string()
         values = {k: v.value for k, v in materialization.metadata.items()}
         if name == "template_embeddings":
-            embedded, calls, embed_ms = values["embedded"], values["embedding_calls"], values["embed_ms"]
-            cost = {item: values.get(item) for item in cost}
+            embedded = values
         elif name == "embedding_store":
             published = values
-    summary = {
+    return {
         "model_version": key,
-        **plan.counts(),
-        "embedded": embedded,
-        "embedding_calls": calls,
-        "embed_ms": embed_ms,
-        **cost,
-        "rows": published["rows"],
-        "generation": published["generation"],
-        "published": published["published"],
-        "current": published["current_version"],
-        "store": published["store"],
+        "success": result.success,
+        **{name: counts.get(name) for name in ("new", "modified", "deleted", "unchanged", "metadata_updated")},
+        "embedded": embedded.get("embedded"),
+        "embedding_calls": embedded.get("embedding_calls"),
+        "embed_ms": embedded.get("embed_ms"),
+        **{item: embedded.get(item, 0 if item != "tokens" else None) for item in ("requests", "inputs", "tokens", "retries")},
+        "rows": published.get("rows"),
+        "generation": published.get("generation"),
+        "published": bool(published.get("published")),
+        "current": published.get("current_version"),
+        "store": published.get("store"),
+        "errors": run_failures(result) if not result.success else [],
         "run_id": result.run_id,
     }
-    c = summary
-    text = (
+
+
+def summary_text(c: dict) -> str:
+    key = c["model_version"]
+    if c["published"]:
+        outcome = f"published generation {c['generation']}: {c['rows']} rows"
+    else:
+        outcome = f"{c['rows']} rows at generation {c['generation']}"
+    return (
         f"{key}: {c['new']} new, {c['modified']} modified, {c['deleted']} deleted, {c['unchanged']} unchanged "
         f"({c['metadata_updated']} with updated fields); embedded {c['embedded']} text(s) in "
-        f"{c['embedding_calls']} call(s); {c['rows']} rows at generation {c['generation']}"
-        f"{' (current)' if c['current'] else ''} in {c['store']}\n"
+        f"{c['embedding_calls']} call(s); {outcome}{' (current)' if c['current'] else ''} in {c['store']}\n"
         f"{key}: cost {c['requests']} request(s), {c['inputs']} input(s), "
         f"{'n/a' if c['tokens'] is None else c['tokens']} token(s), {c['retries']} retries, "
-        f"{c['embed_ms'] / 1000:.2f} s"
+        f"{(c['embed_ms'] or 0) / 1000:.2f} s"
     )
-    return summary, text
+
+
+def failure_text(c: dict) -> str:
+    key = c["model_version"]
+    lines = [f"{key}: {_described(failure)}" for failure in c["errors"] or [{"step": None, "message": "the run failed"}]]
+    if c["published"]:
+        lines.append(
+            f"{key}: published generation {c['generation']} is live; a step after the publish failed (run {c['run_id']})"
+        )
+    else:
+        lines.append(f"{key}: the published store is unchanged (run {c['run_id']})")
+    return "\n".join(lines)
 
 
 @contextmanager
@@ -156,6 +247,7 @@ def _existing_store(*, write: bool = False) -> Iterator[EmbeddingStore]:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@store_option
 def status(as_json: bool) -> None:
     """Published model versions: rows, generation, last publish."""
     url = settings.store_url()
@@ -188,6 +280,7 @@ VERSION_COLUMNS = ("model_version", "provider", "model", "dimension", "rows", "c
 
 @versions.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@store_option
 def versions_list(as_json: bool) -> None:
     """Every published version; the current one is marked with *."""
     with _existing_store() as store:
@@ -204,6 +297,7 @@ def versions_list(as_json: bool) -> None:
 
 @versions.command("promote")
 @click.argument("key")
+@store_option
 def versions_promote(key: str) -> None:
     """Make a published version the one readers use (one transaction)."""
     with _existing_store(write=True) as store:
@@ -217,6 +311,7 @@ def versions_promote(key: str) -> None:
 
 @versions.command("prune")
 @click.argument("key")
+@store_option
 def versions_prune(key: str) -> None:
     """Delete a version that is not current, with its cached vectors."""
     with _existing_store(write=True) as store:
@@ -226,11 +321,13 @@ def versions_prune(key: str) -> None:
 
 @main.command()
 @click.argument("text")
-@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1, 100), help="Number of templates.")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1, settings.MAX_TOP_K),
+              help=f"Number of templates (1–{settings.MAX_TOP_K}).")
 @click.option("--category", help="Only templates of this category.")
 @click.option("--subcategory", help="Only templates of this subcategory.")
 @click.option("--model", "model_key", help="Model version (default: the store's current one).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@store_option
 def search(
     text: str, top_k: int, category: str | None, subcategory: str | None, model_key: str | None, as_json: bool
 ) -> None:
@@ -259,7 +356,7 @@ def search(
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
-@click.option("--store", "store_url", help="Store URL (default: EMBEDDING_ASSETS_STORE or data/embeddings.db).")
+@store_option
 @click.option("--model", "model_key", help="Model version (default: the store's current one).")
 @click.option("--reload-interval", default=2.0, show_default=True, type=click.FloatRange(min=0.05),
               help="Seconds between checks for a new publish.")
@@ -267,19 +364,20 @@ def search(
               help="Weight of the BM25 score added to the cosine similarity (0: dense only).")
 @click.option("--search-timeout", default=15.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds a search may take before it is answered 504.")
-def serve(host: str, port: int, store_url: str | None, model_key: str | None, reload_interval: float,
+def serve(host: str, port: int, model_key: str | None, reload_interval: float,
           lexical_weight: float, search_timeout: float) -> None:
     """HTTP search service: /search, /healthz, /readyz, /docs; reloads on every new publish."""
     from embedding_assets.retrieval.service import serve as run_service
 
-    run_service(store_url or settings.store_url(), host=host, port=port, model_version=model_key,
+    run_service(settings.store_url(), host=host, port=port, model_version=model_key,
                 reload_interval=reload_interval, lexical_weight=lexical_weight, search_timeout=search_timeout)
 
 
 @main.command()
-@click.option("--queries", "queries_path", required=True, type=click.Path(dir_okay=False),
-              help="JSON file with a `validation_queries` list (query, correct_template_id, category, ...).")
-@click.option("--store", "store_url", help="Store URL (default: EMBEDDING_ASSETS_STORE or data/embeddings.db).")
+@click.option("--queries", "queries_path", type=click.Path(dir_okay=False),
+              help="JSON file with a `validation_queries` list (query, correct_template_id, category, ...); default: "
+                   f"{settings.VALIDATION_QUERIES_VAR}, else data/validation_queries.json of the project.")
+@store_option
 @click.option("--model", "model_key", help="Model version (default: the store's current one).")
 @click.option("--labels", "label_mode", type=click.Choice(["auto", "id", "row"]), default="auto", show_default=True,
               help="How correct_template_id names a template: its id, or `name_N` for the N-th data row "
@@ -287,16 +385,17 @@ def serve(host: str, port: int, store_url: str | None, model_key: str | None, re
 @click.option("--lexical-weight", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="Weight of the BM25 score added to the cosine similarity (0: dense only).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate(queries_path: str, store_url: str | None, model_key: str | None, label_mode: str,
+def evaluate(queries_path: str | None, model_key: str | None, label_mode: str,
              lexical_weight: float, as_json: bool) -> None:
     """Top-1/3/5 accuracy, MRR, per-category results and misses on labelled queries."""
     from embedding_assets.lib.embedders import EmbeddingError
     from embedding_assets.retrieval import TemplateRetriever
     from embedding_assets.retrieval.evaluation import QueriesFileError, evaluate as run_evaluation, load_queries
 
+    queries_path = queries_path or settings.validation_queries_path()
     try:
         queries = load_queries(queries_path)
-        retriever = TemplateRetriever.load(store_url or settings.store_url(), model_key, lexical_weight=lexical_weight)
+        retriever = TemplateRetriever.load(settings.store_url(), model_key, lexical_weight=lexical_weight)
         result = run_evaluation(retriever, queries, queries_file=queries_path, label_mode=label_mode)
     except (StoreError, QueriesFileError, EmbeddingError) as exc:
         raise click.ClickException(str(exc)) from exc

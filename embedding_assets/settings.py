@@ -29,6 +29,8 @@ DEFAULT_VERIFY_CRON = "0 3 * * *"
 DEFAULT_VERIFY_TIMEZONE = "UTC"
 # Longest accepted search query: about the 512 tokens the query model reads, more is never read.
 MAX_QUERY_CHARS = 2000
+# Most templates one search returns, on the command line and over HTTP.
+MAX_TOP_K = 50
 
 
 def faq_path() -> str:

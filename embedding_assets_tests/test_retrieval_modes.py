@@ -157,3 +157,20 @@ def test_database_mode_recovers_from_connections_the_server_dropped(postgres_cop
         assert _backends(postgres_copy) == 1
     finally:
         retriever.close()
+
+
+@pytest.mark.parametrize("mode", ["memory", "database"])
+def test_both_indexes_match_filters_in_any_letter_case_and_suggest_the_closest_name(postgres_copy, mode) -> None:
+    memory = TemplateRetriever.load(postgres_copy, mode="memory")
+    retriever = TemplateRetriever.load(postgres_copy, mode=mode, embedder=memory.index.embedder)
+    try:
+        exact = retriever.search("кредит", top_k=50, category="Кредиты", subcategory="Погашение кредита")
+        folded = retriever.search("кредит", top_k=50, category="КРЕДИТЫ", subcategory="погашение КРЕДИТА")
+        assert [h.template_id for h in folded] == [h.template_id for h in exact] and len(exact) > 0
+        assert {(h.category, h.subcategory) for h in folded} == {("Кредиты", "Погашение кредита")}
+        with pytest.raises(ValueError, match="^unknown category 'Кредитв'; did you mean 'Кредиты'\\? known: "):
+            retriever.search("кредит", category="Кредитв")
+        with pytest.raises(ValueError, match="^unknown category 'Ипотека'; known: Безопасность"):
+            retriever.search("кредит", category="Ипотека")
+    finally:
+        retriever.close()

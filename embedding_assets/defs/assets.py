@@ -8,6 +8,7 @@ from pydantic import Field
 from embedding_assets.defs.io_managers import unhealthy_published_ids, writer_lock
 from embedding_assets.defs.jobs import GROUP
 from embedding_assets.defs.resources import FaqWorkbook, ModelCatalog, StoreResource
+from embedding_assets.lib import progress
 from embedding_assets.lib.embedders import embed_with_cache
 from embedding_assets.lib.faq import Template
 from embedding_assets.lib.hashing import HashedTemplate, hash_templates
@@ -135,6 +136,7 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
                 embedder=models.embedder(version),
                 cache=opened.cache(version),
                 use_cache=not change_plan.rebuild,
+                on_batch=progress.logged(context.log),
             )
         cost = run.cost
         context.log.info(

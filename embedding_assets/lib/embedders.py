@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -17,6 +17,7 @@ from embedding_assets.lib.embedding_base import (
 )
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.openai_embedder import OpenAIEmbedder, api_key_from_environment
+from embedding_assets.lib.progress import EmbeddingProgress
 
 __all__ = [
     "Embedder",
@@ -99,8 +100,9 @@ def embed_with_cache(
     embedder: Embedder,
     cache: VectorCache,
     use_cache: bool = True,
+    on_batch: Callable[[EmbeddingProgress], None] | None = None,
 ) -> EmbeddingRun:
-    """Embed only texts missing from the cache, caching each batch as soon as it arrives."""
+    """Embed only texts missing from the cache, caching each batch as soon as it arrives (and telling on_batch)."""
     started = time.perf_counter()
     cost_before = replace(embedder.cost) if isinstance(getattr(embedder, "cost", None), EmbeddingCost) else None
     hits = cache.get(list(texts_by_hash)) if use_cache else {}
@@ -117,6 +119,10 @@ def embed_with_cache(
         received = dict(zip(batch, batch_vectors))
         cache.put(received)
         vectors.update(received)
+        if on_batch is not None:
+            done = len(vectors) - len(hits)
+            on_batch(EmbeddingProgress(version.key, done, len(missing), calls, version.batch_size,
+                                       time.perf_counter() - started))
     cost = embedder.cost.since(cost_before) if cost_before is not None else EmbeddingCost(calls, len(missing), None, 0)
     return EmbeddingRun(
         vectors=vectors,

@@ -146,7 +146,7 @@ class DatabaseIndex:
         `query_vector`, when given, is text's embedding by this index's embedder (a retry reuses it).
         """
         text = checked_query(text, top_k)
-        check_facets(*self._facets, category, subcategory)
+        category, subcategory = check_facets(*self._facets, category, subcategory)
         query = self.embedder.embed_query(text) if query_vector is None else query_vector
         try:
             ranked, state = self._rank(query, top_k, category, subcategory)

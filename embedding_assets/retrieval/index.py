@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, overload
@@ -123,8 +124,18 @@ def checked_query(text: str | None, top_k: int) -> str:
 
 def check_facets(
     categories: frozenset[str], subcategories: frozenset[str], category: str | None, subcategory: str | None
-) -> None:
-    """ValueError naming the known values when a filter names a category or subcategory no template uses."""
-    for kind, value, known in (("category", category, categories), ("subcategory", subcategory, subcategories)):
-        if value is not None and value not in known:
-            raise ValueError(f"unknown {kind} {value!r}; known: {', '.join(sorted(known))}")
+) -> tuple[str | None, str | None]:
+    """The stored category and subcategory names the filters name, in any letter case (None stays None)."""
+    return matched_facet("category", category, categories), matched_facet("subcategory", subcategory, subcategories)
+
+
+def matched_facet(kind: str, value: str | None, known: frozenset[str]) -> str | None:
+    """The known name equal to value ignoring letter case; ValueError suggesting the closest name when none is."""
+    if value is None or value in known:
+        return value
+    by_folded = {name.casefold(): name for name in known}
+    if value.casefold() in by_folded:
+        return by_folded[value.casefold()]
+    closest = difflib.get_close_matches(value.casefold(), list(by_folded), n=1)
+    suggestion = f"did you mean {by_folded[closest[0]]!r}? " if closest else ""
+    raise ValueError(f"unknown {kind} {value!r}; {suggestion}known: {', '.join(sorted(known))}")

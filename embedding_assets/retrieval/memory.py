@@ -65,7 +65,7 @@ class MemoryIndex:
     ) -> SearchResult:
         """The top_k templates most similar to text, optionally within a category/subcategory."""
         text = checked_query(text, top_k)
-        check_facets(*self.facets(), category, subcategory)
+        category, subcategory = check_facets(*self.facets(), category, subcategory)
         mask = np.ones(len(self.snapshot), dtype=bool)
         if category is not None:
             mask &= self._categories == self._category_codes[category]

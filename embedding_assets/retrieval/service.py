@@ -26,12 +26,11 @@ from embedding_assets.lib.embedders import EmbeddingError
 from embedding_assets.lib.openai_embedder import RETRYABLE_STATUSES
 from embedding_assets.lib.redaction import redact
 from embedding_assets.retrieval import IndexIdentity, TemplateRetriever
-from embedding_assets.settings import MAX_QUERY_CHARS
+from embedding_assets.settings import MAX_QUERY_CHARS, MAX_TOP_K
 from embedding_assets.store import PostgresAddress, StoreError, parse_store_url, redact_url
 
 log = logging.getLogger("embedding_assets.service")
 
-MAX_TOP_K = 50
 DOCS_ASSETS = "/docs/assets"
 MAX_BODY_BYTES = 64 * 1024  # a JSON body with the longest query, escaped, fits many times over
 DRAINED_BODY_BYTES = 16 * 1024 * 1024  # a larger body is read (not parsed) so its client sees the 413

@@ -257,7 +257,7 @@ class SqliteStore(PublishingStore):
             raise StoreError(f"{path} is a directory, not an embedding store file")
         if not path.exists():
             if not create:
-                raise StoreNotFoundError(f"no embedding store at {path}")
+                raise StoreNotFoundError(f"no embedding store at {path}{_relative_note(path)}")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -423,3 +423,6 @@ class SqliteStore(PublishingStore):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+def _relative_note(path: Path) -> str:
+    return "" if path.is_absolute() else f" (relative to {Path.cwd()})"
