@@ -16,6 +16,7 @@ from embedding_assets.defs.partitions import model_version_partitions
 from embedding_assets.defs.resources import (
     EmbeddingStoreIOManager,
     FaqWorkbook,
+    IntermediateIOManager,
     ModelCatalog,
     StoreResource,
     ValidationQueries,
@@ -112,6 +113,7 @@ def run_pipeline(
             "models": CountingModelCatalog(config_path=str(model_versions)),
             "store": StoreResource(url=str(store)),
             "store_io_manager": EmbeddingStoreIOManager(url=str(store)),
+            "io_manager": IntermediateIOManager(),
             "validation_queries": ValidationQueries(path=validation_queries_path()),
         },
         run_config={"ops": {"change_plan": {"config": {"force": force, "repair": repair}}}},
