@@ -181,8 +181,8 @@ class IntermediateIOManager(dg.ConfigurableIOManager):
     """Hands intermediate outputs to the next step in memory; a step in a new process reads them from disk.
 
     Each output is also kept as a pickle named by the SHA-256 of its bytes under the instance's storage
-    directory, plus a small pointer per asset (and partition): a run whose outputs equal an earlier
-    run's writes only pointers.
+    directory, plus a small pointer per asset (and partition): a run whose outputs equal the previous
+    run's writes only pointers, and a blob no pointer names any more is deleted.
     """
 
     def _pointer(self, context: dg.OutputContext | dg.InputContext, storage: Path) -> Path:
@@ -202,7 +202,10 @@ class IntermediateIOManager(dg.ConfigurableIOManager):
         blob = storage / "intermediates" / "blobs" / f"{digest}.pickle"
         if not blob.exists():
             _write_atomically(blob, data)
+        replaced = pointer.read_text().strip() if pointer.exists() else None
         _write_atomically(pointer, digest.encode())
+        if replaced and replaced != digest:
+            _drop_unreferenced(storage / "intermediates", replaced)
         context.add_output_metadata({"stored_bytes": dg.MetadataValue.int(len(data))})
 
     def load_input(self, context: dg.InputContext) -> object:
@@ -222,6 +225,13 @@ class IntermediateIOManager(dg.ConfigurableIOManager):
 
 
 _MISSING = object()
+
+
+def _drop_unreferenced(root: Path, digest: str) -> None:
+    """Delete a blob no pointer names any more (the latest output of each asset and partition is kept)."""
+    if any(p.read_text().strip() == digest for p in (root / "pointers").rglob("*.ref")):
+        return
+    (root / "blobs" / f"{digest}.pickle").unlink(missing_ok=True)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
