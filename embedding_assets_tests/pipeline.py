@@ -34,9 +34,9 @@ def chain(model_versions: Path | str = MODEL_VERSIONS, backend: str = "sqlite") 
     return build_assets(model_version_partitions(ModelVersionCatalog.load(model_versions)), backend)
 
 
-def store_checks(model_versions: Path | str = MODEL_VERSIONS) -> list[dg.AssetChecksDefinition]:
-    """Every asset check, the per-version ones partitioned by the versions a TOML file declares."""
-    return [faq_content, *build_store_checks(model_version_partitions(ModelVersionCatalog.load(model_versions)))]
+def store_checks() -> list[dg.AssetChecksDefinition]:
+    """Every asset check of the code location."""
+    return [faq_content, *build_store_checks()]
 
 
 ASSETS = chain()

@@ -57,7 +57,7 @@ def setup(server, tmp_path):
 
 def run(faq, store, versions, queries, instance, store_io_manager=None) -> dg.ExecuteInProcessResult:
     result = dg.materialize(
-        [*chain(versions), *store_checks(versions)],
+        [*chain(versions), *store_checks()],
         partition_key=KEY,
         instance=instance,
         resources={

@@ -1,5 +1,4 @@
 import hashlib
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,6 +16,9 @@ from embedding_assets.lib.verification import LISTED
 from embedding_assets.retrieval import TemplateRetriever
 from embedding_assets.retrieval.quality import QualityReport, load_validation_queries, top_k_accuracy
 from embedding_assets.store import EmbeddingStore, StoreNotFoundError, open_store
+
+
+PREVIOUS_EVALUATIONS = 20  # of retrieval_quality, searched for one that saw the same store and queries
 
 
 def _listed(items: list[str]) -> dg.MetadataValue:
@@ -51,19 +53,11 @@ def faq_content(faq_templates: list[Template], faq: FaqWorkbook, store: StoreRes
     )
 
 
-def build_store_checks(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetChecksDefinition]:
-    """The per-model-version checks of the published store (partitioned checks: a preview feature, pinned)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=dg.PreviewWarning, message="Specifying a partitions_def")
-        return _store_checks(partitions_def)
+def build_store_checks() -> list[dg.AssetChecksDefinition]:
+    """The checks of the published store: a run of one model version (partition) checks that version,
+    a run without a partition (the asset's Checks tab "Execute all") every published version."""
 
-
-def _store_checks(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetChecksDefinition]:
-    @dg.asset_check(
-        asset="embedding_store",
-        partitions_def=partitions_def,
-        additional_ins={"faq_templates": dg.AssetIn("faq_templates")},
-    )
+    @dg.asset_check(asset="embedding_store", additional_ins={"faq_templates": dg.AssetIn("faq_templates")})
     def store_matches_faq(
         context: dg.AssetCheckExecutionContext,
         faq_templates: list[Template],
@@ -92,7 +86,7 @@ def _store_checks(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetCheck
             },
         )
 
-    @dg.asset_check(asset="embedding_store", partitions_def=partitions_def)
+    @dg.asset_check(asset="embedding_store")
     def retrieval_quality(
         context: dg.AssetCheckExecutionContext,
         validation_queries: ValidationQueries,
@@ -243,12 +237,11 @@ def query_hash(text: str) -> str:
 def _previous_evaluation(
     context: dg.AssetCheckExecutionContext, evaluated_state: str, fingerprint: str
 ) -> dg.AssetCheckEvaluation | None:
-    """The check's last evaluation for this partition when it saw the same store generations and queries."""
+    """A recent evaluation of the check that saw the same store generations and queries."""
     key = dg.AssetCheckKey(dg.AssetKey("embedding_store"), "retrieval_quality")
-    partition = context.partition_key if context.has_partition_key else None
-    records = context.instance.event_log_storage.get_asset_check_execution_history(key, limit=20)
+    records = context.instance.event_log_storage.get_asset_check_execution_history(key, limit=PREVIOUS_EVALUATIONS)
     for record in records:
-        if record.partition != partition or record.event is None or record.event.dagster_event is None:
+        if record.event is None or record.event.dagster_event is None:
             continue
         evaluation = record.event.dagster_event.event_specific_data
         if not isinstance(evaluation, dg.AssetCheckEvaluation):
@@ -256,5 +249,4 @@ def _previous_evaluation(
         values = {name: getattr(value, "value", value) for name, value in evaluation.metadata.items()}
         if values.get("evaluated_state") == evaluated_state and values.get("queries_fingerprint") == fingerprint:
             return evaluation
-        return None
     return None
