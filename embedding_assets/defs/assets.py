@@ -187,15 +187,15 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
         """One model version's (partition's) published templates and vectors; only what changed is written."""
         version = models.get(context.partition_key)
         current = sorted((*change_plan.new, *change_plan.modified, *change_plan.unchanged), key=lambda i: i.template_id)
-        embedded = {i.template_id for i in (*change_plan.new, *change_plan.modified)}
-        vectors: dict[str, np.ndarray] = {}
-        if template_embeddings:
+        cached: dict[str, np.ndarray] = {}
+        if template_embeddings:  # a hash the cache lost leaves its template without a vector: the publish refuses it
             with store.open() as opened:
-                vectors = opened.cache(version).get(template_embeddings)
+                cached = opened.cache(version).get(template_embeddings)
+        changed = (*change_plan.new, *change_plan.modified)
         return VersionTable(
             version=version,
             templates=tuple(current),
-            vectors={i.template_id: vectors[i.content_hash] for i in current if i.content_hash in vectors and i.template_id in embedded},
+            vectors={i.template_id: cached[i.content_hash] for i in changed if i.content_hash in cached},
             base_generation=change_plan.base_generation,
             rebuild=change_plan.rebuild,
         )
