@@ -20,7 +20,7 @@ def build_definitions(config: Settings) -> dg.Definitions:
     job = build_embed_faq_job(catalog)
     return dg.Definitions(
         assets=build_assets(partitions, store_backend(config.store_url)),
-        asset_checks=[faq_content, *build_store_checks(partitions)],
+        asset_checks=[faq_content, *build_store_checks()],
         jobs=[job, promote_model_version_job],
         sensors=[build_faq_sensor(job, catalog, config.sensor_interval_seconds)],
         schedules=[build_store_verification(job, catalog, config.verify_cron, config.verify_timezone)],

@@ -16,6 +16,7 @@ from embedding_assets.defs.partitions import model_version_partitions
 from embedding_assets.defs.resources import (
     EmbeddingStoreIOManager,
     FaqWorkbook,
+    IntermediateIOManager,
     ModelCatalog,
     StoreResource,
     ValidationQueries,
@@ -33,9 +34,9 @@ def chain(model_versions: Path | str = MODEL_VERSIONS, backend: str = "sqlite") 
     return build_assets(model_version_partitions(ModelVersionCatalog.load(model_versions)), backend)
 
 
-def store_checks(model_versions: Path | str = MODEL_VERSIONS) -> list[dg.AssetChecksDefinition]:
-    """Every asset check, the per-version ones partitioned by the versions a TOML file declares."""
-    return [faq_content, *build_store_checks(model_version_partitions(ModelVersionCatalog.load(model_versions)))]
+def store_checks() -> list[dg.AssetChecksDefinition]:
+    """Every asset check of the code location."""
+    return [faq_content, *build_store_checks()]
 
 
 ASSETS = chain()
@@ -112,6 +113,7 @@ def run_pipeline(
             "models": CountingModelCatalog(config_path=str(model_versions)),
             "store": StoreResource(url=str(store)),
             "store_io_manager": EmbeddingStoreIOManager(url=str(store)),
+            "io_manager": IntermediateIOManager(),
             "validation_queries": ValidationQueries(path=validation_queries_path()),
         },
         run_config={"ops": {"change_plan": {"config": {"force": force, "repair": repair}}}},

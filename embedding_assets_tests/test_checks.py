@@ -134,7 +134,7 @@ def test_a_run_records_every_check_passing_and_the_retrieval_accuracy(warm):
     assert 0.7 <= accuracy <= 1.0
     assert quality.metadata["queries_evaluated"].value == 36
     assert round(accuracy * 36) == 36 - len(quality.metadata["missed_queries"].value)
-    assert outcome.checks["store_matches_faq"].partition == KEY
+    assert outcome.checks["store_matches_faq"].metadata["model_version"].value == KEY
 
 
 def test_an_ordinary_run_leaves_a_corrupted_vector_alone_and_the_integrity_check_fails(warm):

@@ -67,3 +67,66 @@ def test_a_faq_edit_is_published_by_the_sensor_and_the_ui_draws_the_chain(warm, 
                 browser.close()
         assert sorted(drawn) == sorted(CHAIN)
         assert screenshot.stat().st_size > 10_000
+
+
+EXECUTE_CHECKS = """
+mutation Launch($params: ExecutionParams!) {
+  launchPipelineExecution(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on InvalidSubsetError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+"""
+
+CHECK_EVALUATIONS = """
+query Logs($runId: ID!) {
+  logsForRun(runId: $runId) {
+    ... on EventConnection {
+      events { __typename ... on AssetCheckEvaluationEvent { evaluation { checkName success } } }
+    }
+  }
+}
+"""
+
+
+def test_execute_all_on_the_store_checks_tab_runs_every_check_without_a_partition(warm, tmp_path):
+    faq, store = warm
+    env = {
+        "EMBEDDING_ASSETS_FAQ_PATH": str(faq),
+        "EMBEDDING_ASSETS_STORE": f"sqlite:///{store}",
+        "EMBEDDING_ASSETS_SENSOR_INTERVAL": "3",
+    }
+    with dagster_server(tmp_path / "dagster_home", env) as server:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        first = server.wait_for_run({"dagster/sensor_name": "faq_changed"}, deadline)  # materializes faq_templates
+        assert first["status"] == "SUCCESS", server.tail("daemon.log")
+
+        checks = ["store_matches_faq", "retrieval_quality"]
+        launched = server.graphql(
+            EXECUTE_CHECKS,
+            {
+                "params": {
+                    # what the asset's Checks tab "Execute all" launches: the checks alone, no partition
+                    "selector": {
+                        "repositoryLocationName": "embedding_assets",
+                        "repositoryName": "__repository__",
+                        "pipelineName": "__ASSET_JOB",
+                        "assetSelection": [],
+                        "assetCheckSelection": [
+                            {"assetKey": {"path": ["embedding_store"]}, "name": name} for name in checks
+                        ],
+                    },
+                    "mode": "default",
+                    "executionMetadata": {"tags": [{"key": "e2e", "value": "execute-all-checks"}]},
+                }
+            },
+        )["launchPipelineExecution"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        run = server.wait_for_run({"e2e": "execute-all-checks"}, deadline)
+        assert run["status"] == "SUCCESS", server.tail("daemon.log")
+        events = server.graphql(CHECK_EVALUATIONS, {"runId": run["runId"]})["logsForRun"]["events"]
+        results = {e["evaluation"]["checkName"]: e["evaluation"]["success"] for e in events if "evaluation" in e}
+        assert results == {"store_matches_faq": True, "retrieval_quality": True}

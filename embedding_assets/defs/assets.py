@@ -40,6 +40,19 @@ def _preview(templates: list[Template], rows: int = 5) -> str:
     return "\n".join(lines)
 
 
+class _NoTexts:
+    """Stands in for the embedder when nothing is to be embedded, so no client or model is built."""
+
+    def embed_passages(self, texts):
+        raise AssertionError("nothing was to be embedded")
+
+    def embed_query(self, text):
+        raise AssertionError("nothing was to be embedded")
+
+
+NO_TEXTS = _NoTexts()
+
+
 def _ms(seconds: float) -> dg.MetadataValue:
     return dg.MetadataValue.float(round(seconds * 1000, 2))
 
@@ -123,8 +136,8 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
     @dg.asset(group_name=GROUP, kinds={"numpy"}, partitions_def=partitions_def)
     def template_embeddings(
         context: dg.AssetExecutionContext, change_plan: ChangePlan, models: ModelCatalog, store: StoreResource
-    ) -> dg.Output[dict[str, np.ndarray]]:
-        """Vectors of one model version's new and modified texts: from the content-addressed cache, else the model."""
+    ) -> dg.Output[list[str]]:
+        """Content hashes of one model version's new and modified texts, their vectors in the store's cache."""
         version = models.get(context.partition_key)
         texts = change_plan.texts_to_embed()
         with store.open() as opened, ExitStack() as held:
@@ -133,7 +146,7 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
             run = embed_with_cache(
                 texts,
                 version=version,
-                embedder=models.embedder(version),
+                embedder=models.embedder(version) if texts else NO_TEXTS,
                 cache=opened.cache(version),
                 use_cache=not change_plan.rebuild,
                 on_batch=progress.logged(context.log),
@@ -146,7 +159,7 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
         )
         usage = {"tokens": dg.MetadataValue.int(cost.tokens)} if cost.tokens is not None else {}
         return dg.Output(
-            run.vectors,
+            sorted(run.vectors),
             metadata={
                 "model_version": dg.MetadataValue.text(version.key),
                 "model": dg.MetadataValue.text(f"{version.provider}:{version.model}"),
@@ -170,17 +183,21 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
         io_manager_key="store_io_manager",
     )
     def embedding_store(
-        context: dg.AssetExecutionContext, change_plan: ChangePlan, template_embeddings: dict[str, np.ndarray],
-        models: ModelCatalog,
+        context: dg.AssetExecutionContext, change_plan: ChangePlan, template_embeddings: list[str],
+        models: ModelCatalog, store: StoreResource,
     ) -> VersionTable:
         """One model version's (partition's) published templates and vectors; only what changed is written."""
         version = models.get(context.partition_key)
         current = sorted((*change_plan.new, *change_plan.modified, *change_plan.unchanged), key=lambda i: i.template_id)
-        embedded = {i.template_id for i in (*change_plan.new, *change_plan.modified)}
+        cached: dict[str, np.ndarray] = {}
+        if template_embeddings:  # a hash the cache lost leaves its template without a vector: the publish refuses it
+            with store.open() as opened:
+                cached = opened.cache(version).get(template_embeddings)
+        changed = (*change_plan.new, *change_plan.modified)
         return VersionTable(
             version=version,
             templates=tuple(current),
-            vectors={i.template_id: template_embeddings[i.content_hash] for i in current if i.template_id in embedded},
+            vectors={i.template_id: cached[i.content_hash] for i in changed if i.content_hash in cached},
             base_generation=change_plan.base_generation,
             rebuild=change_plan.rebuild,
         )

@@ -1,16 +1,24 @@
-import warnings
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import dagster as dg
+import numpy as np
 
-from embedding_assets.defs.assets import faq_templates
+from embedding_assets.defs.assets import NO_TEXTS, faq_templates
+from embedding_assets.defs.io_managers import verify_published
 from embedding_assets.defs.resources import FaqWorkbook, ModelCatalog, StoreResource, ValidationQueries
-from embedding_assets.lib.faq import FaqError, Template, missing_id_column_problems
+from embedding_assets.lib.embedding_base import EmbeddingCost
+from embedding_assets.lib.faq import Template, missing_id_column_problems
 from embedding_assets.lib.faq_checks import faq_content_problems
-from embedding_assets.lib.verification import LISTED, compare_table
-from embedding_assets.lib.version_table import VersionTable
+from embedding_assets.lib.model_versions import ModelVersion
+from embedding_assets.lib.verification import LISTED
 from embedding_assets.retrieval import TemplateRetriever
-from embedding_assets.retrieval.quality import load_validation_queries, top_k_accuracy
-from embedding_assets.store import StoreNotFoundError, open_store
+from embedding_assets.retrieval.quality import QualityReport, load_validation_queries, top_k_accuracy
+from embedding_assets.store import EmbeddingStore, StoreNotFoundError, open_store
+
+
+PREVIOUS_EVALUATIONS = 20  # of retrieval_quality, searched for one that saw the same store and queries
 
 
 def _listed(items: list[str]) -> dg.MetadataValue:
@@ -45,83 +53,200 @@ def faq_content(faq_templates: list[Template], faq: FaqWorkbook, store: StoreRes
     )
 
 
-def build_store_checks(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetChecksDefinition]:
-    """The per-model-version checks of the published store (partitioned checks: a preview feature, pinned)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=dg.PreviewWarning, message="Specifying a partitions_def")
-        return _store_checks(partitions_def)
+def build_store_checks() -> list[dg.AssetChecksDefinition]:
+    """The checks of the published store: a run of one model version (partition) checks that version,
+    a run without a partition (the asset's Checks tab "Execute all") every published version."""
 
-
-def _store_checks(partitions_def: dg.PartitionsDefinition) -> list[dg.AssetChecksDefinition]:
-    @dg.asset_check(asset="embedding_store", partitions_def=partitions_def)
+    @dg.asset_check(asset="embedding_store", additional_ins={"faq_templates": dg.AssetIn("faq_templates")})
     def store_matches_faq(
-        context: dg.AssetCheckExecutionContext, embedding_store: VersionTable, faq: FaqWorkbook, models: ModelCatalog
+        context: dg.AssetCheckExecutionContext,
+        faq_templates: list[Template],
+        models: ModelCatalog,
+        store: StoreResource,
     ) -> dg.AssetCheckResult:
         """Rows equal the FAQ's templates, hashes match, every vector has the version's dimension and is finite and non-zero."""
-        version = models.get(context.partition_key)
-        try:
-            templates = faq.read()
-        except FaqError as exc:
-            return dg.AssetCheckResult(passed=False, description=f"cannot verify against the FAQ: {exc}")
-        report = compare_table(version, templates, embedding_store)
+        with store.open() as opened:
+            versions = _checked_versions(context, models, opened)
+            reports = [verify_published(opened, version, faq_templates) for version in versions]
+        if not reports:
+            return dg.AssetCheckResult(passed=False, description="no model version is published")
+        problems = [problem for report in reports for problem in report.problems()]
         return dg.AssetCheckResult(
-            passed=report.healthy,
-            description=report.summary(),
+            passed=all(report.healthy for report in reports),
+            description="; ".join(report.summary() for report in reports),
             metadata={
-                "model_version": dg.MetadataValue.text(version.key),
-                "expected_rows": dg.MetadataValue.int(report.expected_rows),
-                "stored_rows": dg.MetadataValue.int(report.stored_rows or 0),
-                "missing": dg.MetadataValue.int(len(report.missing_ids)),
-                "extra": dg.MetadataValue.int(len(report.extra_ids)),
-                "hash_mismatches": dg.MetadataValue.int(len(report.hash_mismatch_ids)),
-                "unhealthy_vectors": dg.MetadataValue.int(len(report.unhealthy_ids)),
-                "problem_list": _listed(report.problems()),
+                "model_version": dg.MetadataValue.text(", ".join(version.key for version in versions)),
+                "expected_rows": dg.MetadataValue.int(sum(report.expected_rows for report in reports)),
+                "stored_rows": dg.MetadataValue.int(sum(report.stored_rows or 0 for report in reports)),
+                "missing": dg.MetadataValue.int(sum(len(report.missing_ids) for report in reports)),
+                "extra": dg.MetadataValue.int(sum(len(report.extra_ids) for report in reports)),
+                "hash_mismatches": dg.MetadataValue.int(sum(len(report.hash_mismatch_ids) for report in reports)),
+                "unhealthy_vectors": dg.MetadataValue.int(sum(len(report.unhealthy_ids) for report in reports)),
+                "problem_list": _listed(problems),
             },
         )
 
-    @dg.asset_check(asset="embedding_store", partitions_def=partitions_def)
+    @dg.asset_check(asset="embedding_store")
     def retrieval_quality(
-        context: dg.AssetCheckExecutionContext, validation_queries: ValidationQueries, store: StoreResource
+        context: dg.AssetCheckExecutionContext,
+        validation_queries: ValidationQueries,
+        models: ModelCatalog,
+        store: StoreResource,
     ) -> dg.AssetCheckResult:
         """Top-k accuracy of the published version on the labelled validation queries."""
         try:
-            queries = load_validation_queries(validation_queries.path)
-        except (OSError, ValueError, KeyError) as exc:
+            return _retrieval_quality(context, validation_queries, models, store)
+        except Exception as exc:  # a warning-level check reports its own failure; the publish stands
+            context.log.warning(f"retrieval_quality could not be evaluated: {type(exc).__name__}: {exc}")
             return dg.AssetCheckResult(
                 passed=False,
                 severity=dg.AssetCheckSeverity.WARN,
-                description=f"validation queries {validation_queries.path} cannot be read ({type(exc).__name__}: {exc})",
+                description=f"retrieval quality could not be evaluated ({type(exc).__name__}: {exc})",
+                metadata={"error": dg.MetadataValue.text(f"{type(exc).__name__}: {exc}")},
             )
-        with store.open() as opened:
-            published_ids = set(opened.published(context.partition_key)[1])
-        retriever = TemplateRetriever.load(store.url, model_version=context.partition_key)
+
+    return [store_matches_faq, retrieval_quality]
+
+
+def _checked_versions(
+    context: dg.AssetCheckExecutionContext, models: ModelCatalog, opened: EmbeddingStore
+) -> list[ModelVersion]:
+    """The run's model version (partition), or every declared version that is published when no partition is chosen."""
+    if context.has_partition_key:
+        return [models.get(context.partition_key)]
+    published = {stored.key for stored in opened.versions()}
+    return [version for version in models.versions() if version.key in published]
+
+
+def _retrieval_quality(
+    context: dg.AssetCheckExecutionContext, validation_queries: ValidationQueries, models: ModelCatalog,
+    store: StoreResource,
+) -> dg.AssetCheckResult:
+    try:
+        raw = Path(validation_queries.path).read_bytes()
+        queries = load_validation_queries(validation_queries.path)
+    except (OSError, ValueError, KeyError) as exc:
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=f"validation queries {validation_queries.path} cannot be read ({type(exc).__name__}: {exc})",
+            metadata={"requests": dg.MetadataValue.int(0)},
+        )
+    with store.open() as opened:
+        versions = _checked_versions(context, models, opened)
+        generations = {version.key: getattr(opened.version(version.key), "generation", None) for version in versions}
+    fingerprint = hashlib.sha256(
+        raw + f"\ntop_k={validation_queries.top_k}\nmin={validation_queries.min_accuracy}".encode()
+    ).hexdigest()[:16]
+    evaluated_state = ", ".join(f"{key}@{generation}" for key, generation in generations.items())
+    previous = _previous_evaluation(context, evaluated_state, fingerprint)
+    if previous is not None:
+        context.log.info(f"retrieval_quality: store {evaluated_state} and queries unchanged; kept the last result")
+        metadata = {**previous.metadata, "requests": dg.MetadataValue.int(0), "reevaluated": dg.MetadataValue.bool(False)}
+        return dg.AssetCheckResult(
+            passed=previous.passed, severity=dg.AssetCheckSeverity.WARN, description=previous.description,
+            metadata=metadata,
+        )
+    outcomes = [_evaluate_version(version, queries, validation_queries, models, store) for version in versions]
+    requests = sum(outcome.requests for outcome in outcomes)
+    state = {
+        "evaluated_state": dg.MetadataValue.text(evaluated_state),
+        "queries_fingerprint": dg.MetadataValue.text(fingerprint),
+        "requests": dg.MetadataValue.int(requests),
+        "query_vectors_embedded": dg.MetadataValue.int(sum(outcome.embedded for outcome in outcomes)),
+        "reevaluated": dg.MetadataValue.bool(True),
+    }
+    reports = [outcome.report for outcome in outcomes if outcome.report.accuracy is not None]
+    if not reports:
+        return dg.AssetCheckResult(
+            passed=False,
+            severity=dg.AssetCheckSeverity.WARN,
+            description="no validation query names a published template" if versions else "no model version is published",
+            metadata=state,
+        )
+    evaluated = sum(report.evaluated for report in reports)
+    accuracy = sum(report.hits for report in reports) / evaluated
+    top_k = validation_queries.top_k
+    return dg.AssetCheckResult(
+        passed=all(report.accuracy >= validation_queries.min_accuracy for report in reports),
+        severity=dg.AssetCheckSeverity.WARN,
+        description="; ".join(
+            f"{outcome.key}: top-{top_k} accuracy {outcome.report.accuracy:.1%} on {outcome.report.evaluated} queries"
+            for outcome in outcomes if outcome.report.accuracy is not None
+        ) + f" (threshold {validation_queries.min_accuracy:.0%})",
+        metadata={
+            f"top{top_k}_accuracy": dg.MetadataValue.float(round(accuracy, 4)),
+            "threshold": dg.MetadataValue.float(validation_queries.min_accuracy),
+            "queries_evaluated": dg.MetadataValue.int(evaluated),
+            "queries_without_template": dg.MetadataValue.int(sum(len(r.without_template) for r in reports)),
+            "missed_queries": dg.MetadataValue.json([m for r in reports for m in r.misses][:LISTED]),
+            **state,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class _VersionQuality:
+    key: str
+    report: QualityReport
+    requests: int
+    embedded: int
+
+
+def _evaluate_version(
+    version: ModelVersion, queries: list, validation_queries: ValidationQueries, models: ModelCatalog,
+    store: StoreResource,
+) -> _VersionQuality:
+    """One version's accuracy, with query vectors from the store's cache and only new queries embedded."""
+    with store.open() as opened:
+        published_ids = set(opened.published(version.key)[1])
+        answerable = [q for q in queries if q.template_id in published_ids]
+        cache = opened.cache(version)
+        hashes = {q.query: query_hash(q.query) for q in answerable}
+        vectors = cache.get(sorted(set(hashes.values())))
+        missing = sorted({text for text, digest in hashes.items() if digest not in vectors})
+        requests = 0
+        if missing:
+            embedder = models.embedder(version)
+            before = replace(embedder.cost) if isinstance(getattr(embedder, "cost", None), EmbeddingCost) else None
+            fresh = {hashes[text]: np.asarray(embedder.embed_query(text), dtype=np.float32) for text in missing}
+            cache.put(fresh)
+            vectors.update(fresh)
+            requests = embedder.cost.since(before).requests if before is not None else len(missing)
+    retriever = TemplateRetriever.load(store.url, model_version=version.key, embedder=NO_TEXTS, mode="memory")
+    try:
         report = top_k_accuracy(
-            lambda text, k: [hit.template_id for hit in retriever.search(text, top_k=k)],
+            lambda text, k: [
+                hit.template_id
+                for hit in retriever.index.search(text, k, None, None, query_vector=vectors[hashes[text]])
+            ],
             queries,
             published_ids=published_ids,
             top_k=validation_queries.top_k,
         )
-        accuracy = report.accuracy
-        metadata = {
-            f"top{report.top_k}_accuracy": dg.MetadataValue.float(round(accuracy, 4) if accuracy is not None else 0.0),
-            "threshold": dg.MetadataValue.float(validation_queries.min_accuracy),
-            "queries_evaluated": dg.MetadataValue.int(report.evaluated),
-            "queries_without_template": dg.MetadataValue.int(len(report.without_template)),
-            "missed_queries": dg.MetadataValue.json(report.misses[:LISTED]),
-        }
-        if accuracy is None:
-            return dg.AssetCheckResult(
-                passed=False,
-                severity=dg.AssetCheckSeverity.WARN,
-                description="no validation query names a published template",
-                metadata=metadata,
-            )
-        return dg.AssetCheckResult(
-            passed=accuracy >= validation_queries.min_accuracy,
-            severity=dg.AssetCheckSeverity.WARN,
-            description=f"top-{report.top_k} accuracy {accuracy:.1%} on {report.evaluated} queries "
-            f"(threshold {validation_queries.min_accuracy:.0%})",
-            metadata=metadata,
-        )
+    finally:
+        retriever.close()
+    return _VersionQuality(version.key, report, requests, len(missing))
 
-    return [store_matches_faq, retrieval_quality]
+
+def query_hash(text: str) -> str:
+    """The cache key of a query's vector: apart from passages', which hash the embedded passage text."""
+    return hashlib.sha256(f"query\n{text}".encode()).hexdigest()
+
+
+def _previous_evaluation(
+    context: dg.AssetCheckExecutionContext, evaluated_state: str, fingerprint: str
+) -> dg.AssetCheckEvaluation | None:
+    """A recent evaluation of the check that saw the same store generations and queries."""
+    key = dg.AssetCheckKey(dg.AssetKey("embedding_store"), "retrieval_quality")
+    records = context.instance.event_log_storage.get_asset_check_execution_history(key, limit=PREVIOUS_EVALUATIONS)
+    for record in records:
+        if record.event is None or record.event.dagster_event is None:
+            continue
+        evaluation = record.event.dagster_event.event_specific_data
+        if not isinstance(evaluation, dg.AssetCheckEvaluation):
+            continue
+        values = {name: getattr(value, "value", value) for name, value in evaluation.metadata.items()}
+        if values.get("evaluated_state") == evaluated_state and values.get("queries_fingerprint") == fingerprint:
+            return evaluation
+    return None

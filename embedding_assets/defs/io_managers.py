@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -168,3 +172,70 @@ class EmbeddingStoreIOManager(dg.ConfigurableIOManager):
         if table is None:
             raise StoreNotFoundError(f"model version {key!r} has not been published to {redact_url(self.url)}")
         return table
+
+
+_RUN_OUTPUTS: dict[tuple[str, str], object] = {}  # (run id, output path) -> value, for the latest run of this process
+
+
+class IntermediateIOManager(dg.ConfigurableIOManager):
+    """Hands intermediate outputs to the next step in memory; a step in a new process reads them from disk.
+
+    Each output is also kept as a pickle named by the SHA-256 of its bytes under the instance's storage
+    directory, plus a small pointer per asset (and partition): a run whose outputs equal the previous
+    run's writes only pointers, and a blob no pointer names any more is deleted.
+    """
+
+    def _pointer(self, context: dg.OutputContext | dg.InputContext, storage: Path) -> Path:
+        name = "/".join(context.asset_key.path)
+        if context.has_asset_partitions:
+            name += f"/{context.asset_partition_key}"
+        return storage / "intermediates" / "pointers" / f"{name}.ref"
+
+    def handle_output(self, context: dg.OutputContext, obj: object) -> None:
+        storage = Path(context.step_context.instance.storage_directory())
+        pointer = self._pointer(context, storage)
+        for key in [k for k in _RUN_OUTPUTS if k[0] != context.run_id]:
+            del _RUN_OUTPUTS[key]
+        _RUN_OUTPUTS[(context.run_id, str(pointer))] = obj
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        digest = hashlib.sha256(data).hexdigest()
+        blob = storage / "intermediates" / "blobs" / f"{digest}.pickle"
+        if not blob.exists():
+            _write_atomically(blob, data)
+        replaced = pointer.read_text().strip() if pointer.exists() else None
+        _write_atomically(pointer, digest.encode())
+        if replaced and replaced != digest:
+            _drop_unreferenced(storage / "intermediates", replaced)
+        context.add_output_metadata({"stored_bytes": dg.MetadataValue.int(len(data))})
+
+    def load_input(self, context: dg.InputContext) -> object:
+        storage = Path(context.instance.storage_directory())
+        pointer = self._pointer(context, storage)
+        kept = _RUN_OUTPUTS.get((context.step_context.run_id, str(pointer)), _MISSING)
+        if kept is not _MISSING:
+            return kept
+        try:
+            digest = pointer.read_text().strip()
+            data = (storage / "intermediates" / "blobs" / f"{digest}.pickle").read_bytes()
+        except FileNotFoundError as exc:
+            raise dg.Failure(
+                f"no stored output of {context.asset_key.to_user_string()}: materialize it first"
+            ) from exc
+        return pickle.loads(data)
+
+
+_MISSING = object()
+
+
+def _drop_unreferenced(root: Path, digest: str) -> None:
+    """Delete a blob no pointer names any more (the latest output of each asset and partition is kept)."""
+    if any(p.read_text().strip() == digest for p in (root / "pointers").rglob("*.ref")):
+        return
+    (root / "blobs" / f"{digest}.pickle").unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)

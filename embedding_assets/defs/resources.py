@@ -5,7 +5,7 @@ from contextlib import contextmanager
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
-from embedding_assets.defs.io_managers import STORE_URL_DESCRIPTION, EmbeddingStoreIOManager
+from embedding_assets.defs.io_managers import STORE_URL_DESCRIPTION, EmbeddingStoreIOManager, IntermediateIOManager
 from embedding_assets.lib.embedders import Embedder, embedder_for
 from embedding_assets.lib.faq import FaqColumns, FaqSheet, Template, read_faq
 from embedding_assets.lib.model_versions import ModelVersion, ModelVersionCatalog
@@ -16,6 +16,7 @@ from embedding_assets.store import EmbeddingStore, StoreCorruptError, open_store
 __all__ = [
     "EmbeddingStoreIOManager",
     "FaqWorkbook",
+    "IntermediateIOManager",
     "ModelCatalog",
     "StoreResource",
     "ValidationQueries",
@@ -183,5 +184,6 @@ def build_resources(config: Settings) -> dict[str, dg.ConfigurableResource | dg.
         ),
         "store": StoreResource(url=store_url_config(config)),
         "store_io_manager": EmbeddingStoreIOManager(url=store_url_config(config)),
+        "io_manager": IntermediateIOManager(),
         "validation_queries": ValidationQueries(path=config.validation_queries_path),
     }
