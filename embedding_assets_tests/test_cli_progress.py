@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import re
 import select
+import struct
 import subprocess
+import termios
 import time
 
 import dagster as dg
@@ -69,6 +72,7 @@ def test_json_output_is_one_json_document_without_progress(project):
 def test_on_a_terminal_a_progress_bar_shows_texts_batches_rate_and_eta(project):
     cwd, env = project
     leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # 160 columns: the whole bar fits
     process = subprocess.Popen([CLI, "materialize"], cwd=cwd, env={**env, "COLUMNS": "160"},
                                stdin=follower, stdout=follower, stderr=follower)
     os.close(follower)
