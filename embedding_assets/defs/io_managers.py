@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dagster as dg
 from pydantic import Field
 
 from embedding_assets.lib.faq import Template
-from embedding_assets.lib.hashing import HashedTemplate, render_text
+from embedding_assets.lib.hashing import hash_version_templates
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import ChangePlan
 from embedding_assets.lib.verification import StoreReport, compare_table, unhealthy_vector_ids
@@ -49,8 +49,8 @@ def read_version_table(store: EmbeddingStore, key: str) -> VersionTable | None:
             question=stored.question, answer=stored.answer, priority=stored.priority, audience=stored.audience,
             source_row=stored.source_row,
         )
-        templates.append(HashedTemplate(template, render_text(template, version.text_template), stored.content_hash))
-    vectors = dict(zip(snapshot.columns["template_id"], snapshot.matrix))
+        templates.append(replace(hash_version_templates([template], version)[0], content_hash=stored.content_hash))
+    vectors = dict(zip(snapshot.columns["template_id"], snapshot.template_vectors()))
     return VersionTable(
         version=version, templates=tuple(templates), vectors=vectors, base_generation=snapshot.version.generation
     )
