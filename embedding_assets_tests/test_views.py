@@ -15,6 +15,7 @@ from embedding_assets.lib.model_versions import LexicalSignal, ModelVersion, Vie
 from embedding_assets.lib.plan import build_change_plan
 from embedding_assets.lib.version_table import template_vectors
 from embedding_assets.retrieval import TemplateRetriever
+from embedding_assets.retrieval.lexical import CharNgramIndex, scaled
 from embedding_assets.store import SqliteStore, open_store
 from embedding_assets_tests.conftest import make_template
 from embedding_assets_tests.openai_servers import FaultServer
@@ -121,17 +122,20 @@ def test_memory_ranking_fuses_views_as_declared(server: FaultServer, tmp_path: P
     _, viewed = versions(server)
     templates = [make_template(n) for n in range(1, 13)]
     url = str(tmp_path / "store.db")
-    for fusion in ("sum", "max"):
-        version = replace(viewed, key=f"viewed-{fusion}", fusion=fusion)
+    for fusion, lexical in (("sum", None), ("max", None), ("sum", LexicalSignal("char_ngrams", 0.5))):
+        version = replace(viewed, key=f"viewed-{fusion}{'-chars' if lexical else ''}", fusion=fusion, lexical=lexical)
         with open_store(url) as store:
             publish(store, version, templates)
             snapshot = store.snapshot(version.key)
         retriever = TemplateRetriever.load(url, version.key, mode="memory")
         embedder = retriever.index.embedder
+        chars = CharNgramIndex([f"{t.subcategory} {t.question} {t.answer}" for t in snapshot.templates])
         for text in QUERIES:
             query = embedder.embed_query(text)
             qa, question = snapshot.matrix @ query, snapshot.views["question"] @ query
             expected = qa + 0.25 * question if fusion == "sum" else np.maximum(qa, 0.25 * question)
+            if lexical:
+                expected = expected + 0.5 * scaled(chars.scores(text))
             order = sorted(range(len(expected)), key=lambda i: (-expected[i], i))[:3]
             hits = retriever.search(text, top_k=3)
             assert [h.template_id for h in hits] == [snapshot.columns["template_id"][i] for i in order]
@@ -182,8 +186,8 @@ def test_a_schema_1_store_keeps_serving_and_its_first_writer_upgrades_it_without
 def test_memory_and_database_modes_rank_a_multi_view_store_alike(server: FaultServer, postgres_store_url: str) -> None:
     _, viewed = versions(server)
     templates = [make_template(n) for n in range(1, 13)]
-    for fusion in ("sum", "max"):
-        version = replace(viewed, key=f"viewed-{fusion}", fusion=fusion)
+    for fusion, lexical in (("sum", None), ("max", None), ("sum", LexicalSignal("char_ngrams", 0.5))):
+        version = replace(viewed, key=f"viewed-{fusion}{'-chars' if lexical else ''}", fusion=fusion, lexical=lexical)
         with open_store(postgres_store_url) as store:
             publish(store, version, templates)
         memory = TemplateRetriever.load(postgres_store_url, version.key, mode="memory")
