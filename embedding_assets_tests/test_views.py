@@ -117,6 +117,14 @@ def test_each_view_text_is_paid_once_and_an_answer_edit_re_embeds_only_the_views
         publish(store, viewed, asked[1:])  # a deleted template takes its views with it
         assert store.snapshot("viewed").views["question"].shape == (4, DIMENSION) and server.inputs == []
 
+        generation = store.version("viewed").generation
+        reweighted = replace(viewed, views=(VIEWS[0], replace(VIEWS[1], weight=0.5)), fusion="max")
+        run, plan = publish(store, reweighted, asked[1:])  # ranking settings change: no vector is rewritten
+        assert (plan.has_changes, run.requested, server.inputs) == (False, 0, [])
+        stored = store.version("viewed")
+        assert stored.generation == generation + 1 and stored.to_model_version() == replace(reweighted, settings=stored.settings)
+        assert stored.ranking == {"fusion": "max", "views": [["qa", QA, 1.0], ["question", "{question}", 0.5]]}
+
 
 def test_memory_ranking_fuses_views_as_declared(server: FaultServer, tmp_path: Path) -> None:
     _, viewed = versions(server)

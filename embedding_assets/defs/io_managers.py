@@ -77,7 +77,7 @@ def write_version_table(store: EmbeddingStore, table: VersionTable) -> TableWrit
     generation = stored.generation if stored else None
     stale = generation != table.base_generation and not table.rebuild
     plan = table.changes(published, rewrite_carried=not stale)
-    if stored is not None and not plan.has_changes:
+    if stored is not None and not plan.has_changes and stored.ranking == version.ranking():
         return TableWrite(plan, PublishResult(version.key, stored.generation, stored.rows, False, stored.is_current, 0.0))
     if stale:
         raise StalePlanError(
