@@ -27,32 +27,29 @@ def fuse_views(version: ModelVersion, similarities: Sequence[np.ndarray]) -> np.
 
 
 class LexicalSignal:
-    """A version's lexical signal over one index's templates, built once in the background."""
+    """A version's lexical signal over one index's templates, built once, by the first query that needs it.
+
+    Building takes far longer than loading the vectors (about 1 s for 201 templates on a busy
+    machine), and a background build would hold the interpreter lock while the store loads.
+    """
 
     def __init__(self, version: ModelVersion, documents: Sequence[str]):
         self.weight = version.lexical.weight if version.lexical else 0.0
+        self._documents = list(documents)
         self._index: CharNgramIndex | None = None
-        self._built = threading.Event()
-        self._error: BaseException | None = None
-        threading.Thread(target=self._build, args=(list(documents),), name="lexical-index", daemon=True).start()
+        self._lock = threading.Lock()
 
-    def _build(self, documents: list[str]) -> None:
-        try:
-            self._index = CharNgramIndex(documents)
-        except BaseException as exc:  # handed to the first search that needs the index
-            self._error = exc
-        finally:
-            self._built.set()
-
-    def wait(self) -> CharNgramIndex:
-        self._built.wait()
-        if self._error is not None:
-            raise self._error
+    def index(self) -> CharNgramIndex:
+        """The n-gram index, built on first use (concurrent first queries build it once)."""
+        if self._index is None:
+            with self._lock:
+                if self._index is None:
+                    self._index = CharNgramIndex(self._documents)
         return self._index
 
     def scores(self, query: str) -> np.ndarray:
         """`weight` times each template's n-gram similarity divided by the query's best."""
-        return self.weight * scaled(self.wait().scores(query))
+        return self.weight * scaled(self.index().scores(query))
 
 
 def lexical_signal(version: ModelVersion, documents: Sequence[str]) -> LexicalSignal | None:
