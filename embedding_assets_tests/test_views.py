@@ -211,3 +211,38 @@ def test_memory_and_database_modes_rank_a_multi_view_store_alike(server: FaultSe
             assert [h.template_id for h in filtered] == ["T-4"]
         finally:
             database.close()
+
+
+def test_a_schema_1_postgres_store_keeps_serving_and_is_upgraded_in_place(
+    server: FaultServer, postgres_store_url: str
+) -> None:
+    import psycopg2
+
+    from embedding_assets.store.urls import connection_settings
+
+    single, _ = versions(server)
+    templates = [make_template(n) for n in range(1, 6)]
+    with open_store(postgres_store_url) as store:
+        publish(store, single, templates)
+        before = store.snapshot("single")
+    dsn, schema = connection_settings(postgres_store_url)
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            f'DROP TABLE "{schema}".template_views; ALTER TABLE "{schema}".model_versions DROP COLUMN ranking; '
+            f"UPDATE \"{schema}\".store_meta SET value = '1' WHERE key = 'schema_version'"
+        )
+    with open_store(postgres_store_url, create=False) as reader:
+        old = reader.snapshot("single")
+        assert np.array_equal(old.matrix, before.matrix) and old.columns == before.columns
+        assert [t.template_id for t, _ in reader.search("single", old.matrix[2], 1)] == ["T-3"]
+
+    server.reset()
+    with open_store(postgres_store_url) as store:
+        run, plan = publish(store, single, templates)
+        assert (plan.has_changes, run.embedded, server.inputs) == (False, 0, [])
+        assert np.array_equal(store.snapshot("single").matrix, before.matrix)
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT value FROM \"{schema}\".store_meta WHERE key = 'schema_version'")
+        assert cur.fetchone() == ("2",)
+        cur.execute(f'SELECT count(*) FROM "{schema}".template_views')
+        assert cur.fetchone() == (0,)
