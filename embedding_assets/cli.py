@@ -384,22 +384,35 @@ def serve(host: str, port: int, model_key: str | None, reload_interval: float,
                    "(0-based) of the sheet; auto picks id when any label is a stored id.")
 @click.option("--lexical-weight", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="Weight of the BM25 score added to the cosine similarity (0: dense only).")
+@click.option("--compare", "compare_key",
+              help="A second model version of the store, evaluated on the same queries and shown beside the first.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def evaluate(queries_path: str | None, model_key: str | None, label_mode: str,
-             lexical_weight: float, as_json: bool) -> None:
-    """Top-1/3/5 accuracy, MRR, per-category results and misses on labelled queries."""
+             lexical_weight: float, compare_key: str | None, as_json: bool) -> None:
+    """Top-1/3/5 accuracy, MRR, per-category and per-kind results and misses on labelled queries."""
     from embedding_assets.lib.embedders import EmbeddingError
     from embedding_assets.retrieval import TemplateRetriever
-    from embedding_assets.retrieval.evaluation import QueriesFileError, evaluate as run_evaluation, load_queries
+    from embedding_assets.retrieval.evaluation import (
+        QueriesFileError, compare, comparison_report, evaluate as run_evaluation, load_queries,
+    )
 
     queries_path = queries_path or settings.validation_queries_path()
+    url = settings.store_url()
     try:
         queries = load_queries(queries_path)
-        retriever = TemplateRetriever.load(settings.store_url(), model_key, lexical_weight=lexical_weight)
-        result = run_evaluation(retriever, queries, queries_file=queries_path, label_mode=label_mode)
+        results = [
+            run_evaluation(
+                TemplateRetriever.load(url, key, lexical_weight=lexical_weight), queries,
+                queries_file=queries_path, label_mode=label_mode,
+            )
+            for key in ([model_key, compare_key] if compare_key else [model_key])
+        ]
     except (StoreError, QueriesFileError, EmbeddingError) as exc:
         raise click.ClickException(str(exc)) from exc
-    _emit(result.as_dict(), as_json, result.report())
+    if compare_key:
+        _emit(compare(*results), as_json, comparison_report(*results))
+    else:
+        _emit(results[0].as_dict(), as_json, results[0].report())
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def test_every_asset_of_the_chain_is_described_grouped_and_kinded():
 
 def test_the_job_is_partitioned_by_the_declared_model_versions():
     job = defs().resolve_job_def(EMBED_FAQ_JOB)
-    assert job.partitions_def.get_partition_keys() == ["e5-small-v1"]
+    assert job.partitions_def.get_partition_keys() == ["e5-small-v1", "e5-small-views-v1"]
     assert set(defs().resources) >= {"faq", "models", "store", "store_io_manager"}
 
 
@@ -66,7 +66,7 @@ def test_every_run_the_ui_sensor_or_schedule_launches_executes_in_one_process():
 
 def test_the_ui_says_that_a_partition_is_a_model_version():
     definitions = defs()
-    assert "Each partition is a model version of model_versions.toml (e5-small-v1)" in (
+    assert "Each partition is a model version of model_versions.toml (e5-small-v1, e5-small-views-v1)" in (
         definitions.resolve_job_def(EMBED_FAQ_JOB).description
     )
     graph = definitions.resolve_asset_graph()

@@ -8,8 +8,10 @@ import pytest
 from embedding_assets.lib.model_versions import (
     DEFAULT_TEXT_TEMPLATE,
     KEY_PATTERN,
+    LexicalSignal,
     ModelVersion,
     ModelVersionError,
+    View,
     load_model_versions,
 )
 from embedding_assets_tests.conftest import PROJECT_ROOT
@@ -51,9 +53,25 @@ def test_repo_model_versions() -> None:
             active=True,
             batch_size=32,
             settings={"variant": "original"},
-        )
+        ),
+        ModelVersion(
+            key="e5-small-views-v1",
+            provider="local",
+            model="multilingual-e5-small",
+            dimension=384,
+            text_template="{subcategory}: {question}\n{answer}",
+            active=False,
+            batch_size=32,
+            settings={"variant": "original"},
+            views=(
+                View("qa", "{subcategory}: {question}\n{answer}", 1.0),
+                View("question", "{question}", 0.25),
+            ),
+            fusion="sum",
+            lexical=LexicalSignal("char_ngrams", 0.03),
+        ),
     ]
-    assert versions[0].embedded_fields() == {"subcategory", "question", "answer"}
+    assert versions[0].embedded_fields() == versions[1].embedded_fields() == {"subcategory", "question", "answer"}
 
 
 def test_defaults(tmp_path: Path) -> None:

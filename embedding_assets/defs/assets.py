@@ -11,10 +11,10 @@ from embedding_assets.defs.resources import FaqWorkbook, ModelCatalog, StoreReso
 from embedding_assets.lib import progress
 from embedding_assets.lib.embedders import embed_with_cache
 from embedding_assets.lib.faq import Template
-from embedding_assets.lib.hashing import HashedTemplate, hash_templates
+from embedding_assets.lib.hashing import HashedTemplate, hash_version_templates
 from embedding_assets.lib.plan import ChangePlan, build_change_plan
 from embedding_assets.lib.verification import mark_for_repair
-from embedding_assets.lib.version_table import VersionTable
+from embedding_assets.lib.version_table import VersionTable, template_vectors
 from embedding_assets.store import ModelVersionMismatchError
 from embedding_assets.store.base import mismatch_message
 
@@ -84,8 +84,9 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
     ) -> dg.Output[list[HashedTemplate]]:
         """SHA-256 of the exact text each template is embedded as, per model version (partition)."""
         version = models.get(context.partition_key)
-        hashed = hash_templates(faq_templates, version.text_template)
+        hashed = hash_version_templates(faq_templates, version)
         unique = len({h.content_hash for h in hashed})
+        view_texts = {text_hash for h in hashed for text_hash in h.vector_hashes()}
         return dg.Output(
             hashed,
             metadata={
@@ -93,6 +94,8 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
                 "unique_texts": dg.MetadataValue.int(unique),
                 "duplicate_texts": dg.MetadataValue.int(len(hashed) - unique),
                 "text_template": dg.MetadataValue.text(version.text_template),
+                "views": dg.MetadataValue.json({v.name: v.text_template for v in version.text_views}),
+                "unique_view_texts": dg.MetadataValue.int(len(view_texts)),
             },
         )
 
@@ -197,7 +200,11 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
         return VersionTable(
             version=version,
             templates=tuple(current),
-            vectors={i.template_id: cached[i.content_hash] for i in changed if i.content_hash in cached},
+            vectors={
+                i.template_id: template_vectors(i, cached)
+                for i in changed
+                if all(h in cached for h in i.vector_hashes())
+            },
             base_generation=change_plan.base_generation,
             rebuild=change_plan.rebuild,
         )

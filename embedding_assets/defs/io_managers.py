@@ -7,14 +7,14 @@ import os
 import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
 from embedding_assets.lib.faq import Template
-from embedding_assets.lib.hashing import HashedTemplate, render_text
+from embedding_assets.lib.hashing import hash_version_templates
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import ChangePlan
 from embedding_assets.lib.verification import StoreReport, compare_table, unhealthy_vector_ids
@@ -53,8 +53,8 @@ def read_version_table(store: EmbeddingStore, key: str) -> VersionTable | None:
             question=stored.question, answer=stored.answer, priority=stored.priority, audience=stored.audience,
             source_row=stored.source_row,
         )
-        templates.append(HashedTemplate(template, render_text(template, version.text_template), stored.content_hash))
-    vectors = dict(zip(snapshot.columns["template_id"], snapshot.matrix))
+        templates.append(replace(hash_version_templates([template], version)[0], content_hash=stored.content_hash))
+    vectors = dict(zip(snapshot.columns["template_id"], snapshot.template_vectors()))
     return VersionTable(
         version=version, templates=tuple(templates), vectors=vectors, base_generation=snapshot.version.generation
     )
@@ -81,7 +81,7 @@ def write_version_table(store: EmbeddingStore, table: VersionTable) -> TableWrit
     generation = stored.generation if stored else None
     stale = generation != table.base_generation and not table.rebuild
     plan = table.changes(published, rewrite_carried=not stale)
-    if stored is not None and not plan.has_changes:
+    if stored is not None and not plan.has_changes and stored.ranking == version.ranking():
         return TableWrite(plan, PublishResult(version.key, stored.generation, stored.rows, False, stored.is_current, 0.0))
     if stale:
         raise StalePlanError(

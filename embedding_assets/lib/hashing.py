@@ -6,19 +6,36 @@ import hashlib
 from dataclasses import dataclass
 
 from embedding_assets.lib.faq import Template
+from embedding_assets.lib.model_versions import ModelVersion
 
 
 @dataclass(frozen=True)
 class HashedTemplate:
-    """A template with the text a model version embeds and that text's SHA-256."""
+    """A template with the text a model version embeds and that text's SHA-256.
+
+    A version with several views embeds one text per view: `view_texts` and `view_hashes` hold them
+    in the version's view order, `text` is the first one and `content_hash` hashes the view hashes.
+    """
 
     template: Template
     text: str
     content_hash: str
+    view_texts: tuple[str, ...] = ()
+    view_hashes: tuple[str, ...] = ()
 
     @property
     def template_id(self) -> str:
         return self.template.template_id
+
+    def embedded_texts(self) -> dict[str, str]:
+        """Each text to embed by its own content hash (one entry for a single-view version)."""
+        if not self.view_hashes:
+            return {self.content_hash: self.text}
+        return dict(zip(self.view_hashes, self.view_texts, strict=True))
+
+    def vector_hashes(self) -> tuple[str, ...]:
+        """The content hashes of this template's vectors, in view order."""
+        return self.view_hashes or (self.content_hash,)
 
 
 def content_hash(text: str) -> str:
@@ -34,4 +51,17 @@ def hash_templates(templates: list[Template], text_template: str) -> list[Hashed
     for template in templates:
         text = render_text(template, text_template)
         hashed.append(HashedTemplate(template=template, text=text, content_hash=content_hash(text)))
+    return hashed
+
+
+def hash_version_templates(templates: list[Template], version: ModelVersion) -> list[HashedTemplate]:
+    """The templates hashed as `version` embeds them: exactly hash_templates for a version without views."""
+    if not version.views:
+        return hash_templates(templates, version.text_template)
+    hashed = []
+    for template in templates:
+        texts = tuple(render_text(template, view.text_template) for view in version.views)
+        hashes = tuple(content_hash(text) for text in texts)
+        combined = content_hash("\n".join(f"{v.name}:{h}" for v, h in zip(version.views, hashes, strict=True)))
+        hashed.append(HashedTemplate(template, texts[0], combined, texts, hashes))
     return hashed

@@ -60,8 +60,8 @@ class ChangePlan:
         return [*self.new, *self.modified, *self.unchanged]
 
     def texts_to_embed(self) -> dict[str, str]:
-        """Unique texts of new and modified templates, by content hash."""
-        return {item.content_hash: item.text for item in (*self.new, *self.modified)}
+        """Unique texts of new and modified templates (one per view), by content hash."""
+        return {h: text for item in (*self.new, *self.modified) for h, text in item.embedded_texts().items()}
 
     def counts(self) -> dict[str, int]:
         return {

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from embedding_assets.lib.faq import Template
-from embedding_assets.lib.hashing import hash_templates
+from embedding_assets.lib.hashing import hash_version_templates
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import StoredTemplate
 from embedding_assets.lib.version_table import VersionTable
@@ -72,7 +72,7 @@ def compare_store(
     matrix: np.ndarray,
 ) -> StoreReport:
     """Compare a version's published rows and vectors with the FAQ's templates."""
-    expected = {h.template_id: h.content_hash for h in hash_templates(list(templates), version.text_template)}
+    expected = {h.template_id: h.content_hash for h in hash_version_templates(list(templates), version)}
     stored = dict(zip(stored_ids, stored_hashes))
     if matrix.shape != (len(stored_ids), version.dimension):
         return StoreReport(

@@ -12,6 +12,19 @@ from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import ChangePlan, StoredTemplate, build_change_plan
 
 
+def primary_vector(vectors: np.ndarray) -> np.ndarray:
+    """A template's first view's vector (its only one for a single-view version)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors if vectors.ndim == 1 else vectors[0]
+
+
+def template_vectors(item: HashedTemplate, vectors_by_hash: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A template's vectors from vectors keyed by embedded text: (dimension,) or (views, dimension)."""
+    if not item.view_hashes:
+        return vectors_by_hash[item.content_hash]
+    return np.stack([vectors_by_hash[h] for h in item.view_hashes])
+
+
 class MissingVectorsError(ValueError):
     """A template whose text the store does not hold yet comes without a vector."""
 
@@ -48,7 +61,7 @@ class VersionTable:
         missing = [t.template_id for t in self.templates if t.template_id not in self.vectors]
         if missing:
             raise MissingVectorsError(self.version.key, missing)
-        rows = [np.asarray(self.vectors[t.template_id], dtype=np.float32) for t in self.templates]
+        rows = [primary_vector(self.vectors[t.template_id]) for t in self.templates]
         return np.stack(rows) if rows else np.empty((0, self.version.dimension), dtype=np.float32)
 
     def changes(self, published: Mapping[str, StoredTemplate], *, rewrite_carried: bool = True) -> ChangePlan:

@@ -19,6 +19,7 @@ from embedding_assets.retrieval.index import (
     check_facets,
     checked_query,
 )
+from embedding_assets.retrieval.fusion import LexicalSignal, lexical_signal, lexical_text
 from embedding_assets.store import StoreError, VersionInfo, open_store, redact_url
 
 DEFAULT_CONNECTIONS = 4
@@ -104,8 +105,10 @@ class DatabaseIndex:
         identity: IndexIdentity,
         embedder: Embedder,
         facets: tuple[frozenset[str], frozenset[str]],
+        signal: tuple[list[str], LexicalSignal] | None = None,
     ):
         self.pool = pool
+        self._signal = signal
         self.version = version
         self.identity = identity
         self.embedder = embedder
@@ -125,13 +128,22 @@ class DatabaseIndex:
                 if version is None:
                     store.snapshot(model_version)  # raises the same "not published" error as memory mode
                 categories, subcategories = store.facets(version.key)
+                published = store.published(version.key)[1] if version.to_model_version().lexical else {}
                 if store.state() == state:  # nothing was published while the facets were read
                     break
             else:
                 raise StoreError(f"{redact_url(pool.url)}: the store kept changing while it was being read")
         embedder = embedder or embedder_for(version.to_model_version())
         identity = IndexIdentity(state.store_id, version.key, state.generation)
-        return cls(pool, version, identity, embedder, (frozenset(categories), frozenset(subcategories)))
+        ids = sorted(published)
+        signal = lexical_signal(
+            version.to_model_version(),
+            [lexical_text(published[t].subcategory, published[t].question, published[t].answer) for t in ids],
+        )
+        return cls(
+            pool, version, identity, embedder, (frozenset(categories), frozenset(subcategories)),
+            (ids, signal) if signal is not None else None,
+        )
 
     def search(
         self,
@@ -149,11 +161,11 @@ class DatabaseIndex:
         category, subcategory = check_facets(*self._facets, category, subcategory)
         query = self.embedder.embed_query(text) if query_vector is None else query_vector
         try:
-            ranked, state = self._rank(query, top_k, category, subcategory)
+            ranked, state = self._rank(query, top_k, category, subcategory, text)
         except StaleIndexError:
             raise
         except StoreError:  # once more on a new connection: the failed one may have been dropped by the server
-            ranked, state = self._rank(query, top_k, category, subcategory)
+            ranked, state = self._rank(query, top_k, category, subcategory, text)
         # Generations only grow within one store identity: an unchanged state after the search means
         # the search read exactly this index's generation.
         if (state.store_id, state.generation) != (self.identity.store_id, self.identity.store_generation):
@@ -165,9 +177,24 @@ class DatabaseIndex:
         hits = tuple(SearchHit.of(rank, t, score) for rank, (t, score) in enumerate(ranked, start=1))
         return SearchResult(hits, self.identity)
 
-    def _rank(self, query, top_k: int, category: str | None, subcategory: str | None):
-        with self.pool.connection() as store:
-            return store.search(self.version.key, query, top_k, category, subcategory), store.state()
+    def _rank(self, query, top_k: int, category: str | None, subcategory: str | None, text: str = ""):
+        if self._signal is None:
+            with self.pool.connection() as store:
+                return store.search(self.version.key, query, top_k, category, subcategory), store.state()
+        ids, signal = self._signal
+        bonus = dict(zip(ids, signal.scores(text).tolist()))
+        fetch = top_k + 16
+        while True:
+            with self.pool.connection() as store:
+                found, state = store.search(self.version.key, query, fetch, category, subcategory), store.state()
+            fused = sorted(
+                ((t, score + bonus.get(t.template_id, 0.0)) for t, score in found),
+                key=lambda pair: (-pair[1], pair[0].template_id),
+            )
+            # A template the database did not return scores at most its dense score plus the weight.
+            if len(found) < fetch or (len(fused) >= top_k and found[-1][1] + signal.weight < fused[top_k - 1][1]):
+                return fused[:top_k], state
+            fetch *= 4
 
     def facets(self) -> tuple[frozenset[str], frozenset[str]]:
         return self._facets

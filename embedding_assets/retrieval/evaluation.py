@@ -1,4 +1,4 @@
-"""Accuracy of a retriever on labelled queries: top-1/3/5, MRR, per category, and the misses."""
+"""Accuracy of a retriever on labelled queries: top-1/3/5, MRR, per category and query kind, and the misses."""
 
 from __future__ import annotations
 
@@ -25,11 +25,18 @@ class LabelledQuery:
     label: str
     category: str | None = None
     subcategory: str | None = None
+    kind: str | None = None
+    labels: tuple[str, ...] = ()
+    """Every template that answers the query (`correct_template_ids`); `label` is the first."""
+
+    @property
+    def gold(self) -> tuple[str, ...]:
+        return self.labels or (self.label,)
 
 
 @dataclass(frozen=True)
 class QueryOutcome:
-    """Where the labelled template ranked for one query (rank None: the label names no stored template)."""
+    """Where the best-ranked gold template landed for one query (rank None: no label names a stored template)."""
 
     query_id: str
     query: str
@@ -41,6 +48,8 @@ class QueryOutcome:
     top_ids: list[str]
     top_question: str
     note: str | None
+    kind: str | None = None
+    expected_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,11 +84,18 @@ class Evaluation:
     def metrics(self) -> dict:
         return self._metrics(self.scored)
 
-    def per_category(self) -> dict[str, dict]:
+    def _grouped(self, name_of) -> dict[str, dict]:
         groups: dict[str, list[QueryOutcome]] = {}
         for outcome in self.scored:
-            groups.setdefault(outcome.category or "", []).append(outcome)
+            groups.setdefault(name_of(outcome) or "", []).append(outcome)
         return {name: self._metrics(group) for name, group in sorted(groups.items())}
+
+    def per_category(self) -> dict[str, dict]:
+        return self._grouped(lambda o: o.category)
+
+    def per_kind(self) -> dict[str, dict]:
+        """Metrics per query kind (typo, translit, slang, …); empty when the queries name no kind."""
+        return self._grouped(lambda o: o.kind) if any(o.kind for o in self.scored) else {}
 
     def misses(self, k: int = 3) -> list[QueryOutcome]:
         """Queries whose labelled template is not in the top k."""
@@ -94,6 +110,7 @@ class Evaluation:
             **self.metrics(),
             "unresolved_labels": [o.label for o in self.unresolved],
             "per_category": self.per_category(),
+            "per_kind": self.per_kind(),
             "misses": [asdict(o) for o in self.misses()],
             "outcomes": [asdict(o) for o in self.outcomes],
         }
@@ -107,12 +124,16 @@ class Evaluation:
         ]
         for outcome in self.unresolved:
             lines.append(f"label {outcome.label!r} of {outcome.query_id} names no template in the store: not scored")
-        width = max([len(name) for name in self.per_category()] + [8])
-        lines += ["", f"{'category':<{width}}  queries  top-1   top-3   top-5   MRR"]
-        for name, c in self.per_category().items():
-            lines.append(
-                f"{name:<{width}}  {c['queries']:>7}  {c['top1']:>6.1%}  {c['top3']:>6.1%}  {c['top5']:>6.1%}  {c['mrr']:.3f}"
-            )
+        for title, groups in (("category", self.per_category()), ("query kind", self.per_kind())):
+            if not groups:
+                continue
+            width = max([len(name) for name in groups] + [len(title)])
+            lines += ["", f"{title:<{width}}  queries  top-1   top-3   top-5   MRR"]
+            for name, c in groups.items():
+                lines.append(
+                    f"{name:<{width}}  {c['queries']:>7}  {c['top1']:>6.1%}  {c['top3']:>6.1%}  {c['top5']:>6.1%}  "
+                    f"{c['mrr']:.3f}"
+                )
         misses = self.misses()
         lines += ["", f"misses (labelled template not in the top 3): {len(misses)}"]
         for o in misses:
@@ -140,16 +161,22 @@ def load_queries(path: str | Path) -> list[LabelledQuery]:
         raise QueriesFileError(f"{path}: expected an object with a non-empty `validation_queries` list")
     queries = []
     for position, item in enumerate(items, start=1):
-        missing = [k for k in ("query", "correct_template_id") if not str(item.get(k) or "").strip()]
-        if missing:
+        labels = item.get("correct_template_ids") or []
+        if not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() for x in labels):
+            raise QueriesFileError(f"{path}: query {position}: correct_template_ids must be a list of template ids")
+        first = str(item.get("correct_template_id") or (labels[0] if labels else "")).strip()
+        if not str(item.get("query") or "").strip() or not first:
+            missing = [k for k, v in (("query", item.get("query")), ("correct_template_id", first)) if not str(v or "").strip()]
             raise QueriesFileError(f"{path}: query {position} has no {' or '.join(missing)}")
         queries.append(
             LabelledQuery(
                 query_id=str(item.get("id") or position),
                 query=str(item["query"]),
-                label=str(item["correct_template_id"]),
+                label=first,
                 category=item.get("category"),
                 subcategory=item.get("subcategory"),
+                kind=item.get("kind"),
+                labels=tuple(dict.fromkeys([first, *labels])),
             )
         )
     return queries
@@ -176,14 +203,20 @@ def evaluate(retriever: TemplateRetriever, queries: Sequence[LabelledQuery], *, 
         label_mode = label_mode_for([q.label for q in queries], set(ids))
     outcomes = []
     for q in queries:
-        if label_mode == "row":
-            match = _ROW_LABEL.match(q.label)
-            position = position_by_row.get(int(match.group(1)) + FIRST_DATA_ROW) if match else None
-        else:
-            position = position_by_id.get(q.label)
+        positions = []
+        for label in q.gold:
+            if label_mode == "row":
+                match = _ROW_LABEL.match(label)
+                position = position_by_row.get(int(match.group(1)) + FIRST_DATA_ROW) if match else None
+            else:
+                position = position_by_id.get(label)
+            if position is not None:
+                positions.append(position)
         hits = index.search(q.query, top_k=len(ids))
-        expected = templates[position] if position is not None else None
-        rank = next((h.rank for h in hits if expected and h.template_id == expected.template_id), None)
+        gold = {templates[p].template_id for p in positions}
+        rank = next((h.rank for h in hits if h.template_id in gold), None)
+        best = next((h.template_id for h in hits if h.template_id in gold), None)
+        expected = templates[position_by_id[best]] if best else (templates[positions[0]] if positions else None)
         note = None
         if expected and q.subcategory and q.subcategory != expected.subcategory:
             note = f"label's subcategory {q.subcategory!r} differs from the template's {expected.subcategory!r}"
@@ -194,9 +227,52 @@ def evaluate(retriever: TemplateRetriever, queries: Sequence[LabelledQuery], *, 
                 expected_question=expected.question if expected else None,
                 category=expected.category if expected else q.category,
                 rank=rank, top_ids=[h.template_id for h in hits[:5]], top_question=hits[0].question, note=note,
+                kind=q.kind, expected_ids=tuple(templates[p].template_id for p in positions),
             )
         )
     return Evaluation(
         queries_file=queries_file, label_mode=label_mode, model_version=index.identity.model_version,
         templates=len(ids), outcomes=outcomes,
     )
+
+
+def compare(before: Evaluation, after: Evaluation) -> dict:
+    """Two evaluations on the same queries side by side: overall, per query kind and per category."""
+    ranks = {o.query_id: o.rank for o in before.outcomes}
+    gained = [o.query_id for o in after.scored if o.rank <= 3 and (ranks.get(o.query_id) or 99) > 3]
+    lost = [o.query_id for o in after.outcomes if (o.rank or 99) > 3 and (ranks.get(o.query_id) or 99) <= 3]
+    return {
+        "model_versions": [before.model_version, after.model_version],
+        "overall": [before.metrics(), after.metrics()],
+        "per_kind": {k: [before.per_kind().get(k), after.per_kind().get(k)] for k in after.per_kind()},
+        "per_category": {k: [before.per_category().get(k), after.per_category().get(k)] for k in after.per_category()},
+        "entered_top3": gained,
+        "left_top3": lost,
+    }
+
+
+def comparison_report(before: Evaluation, after: Evaluation) -> str:
+    """`compare` as a table: each metric of the first version, then the second's."""
+    data = compare(before, after)
+    a, b = data["model_versions"]
+    lines = [f"{after.queries_file}: {a} -> {b} ({len(after.outcomes)} queries, {after.templates} templates)"]
+
+    def row(name: str, pair: list) -> str:
+        old, new = (p or {"queries": 0, "top1": 0.0, "top3": 0.0, "top5": 0.0, "mrr": 0.0} for p in pair)
+        cells = "  ".join(f"{old[m]:.3f} -> {new[m]:.3f}" for m in ("top1", "top3", "top5", "mrr"))
+        return f"{name:<{width}}  {new['queries']:>7}  {cells}"
+
+    names = ["overall", *data["per_kind"], *data["per_category"]]
+    width = max(len(n) for n in names + ["category"])
+    header = f"{'':<{width}}  queries  " + "  ".join(f"{m:<14}" for m in ("top-1", "top-3", "top-5", "MRR"))
+    lines += ["", header, row("overall", data["overall"])]
+    for title, groups in (("query kind", data["per_kind"]), ("category", data["per_category"])):
+        if groups:
+            lines += ["", title]
+            lines += [row(name, pair) for name, pair in groups.items()]
+    lines += [
+        "",
+        f"entered the top 3: {len(data['entered_top3'])} ({', '.join(data['entered_top3'][:20])})",
+        f"left the top 3: {len(data['left_top3'])} ({', '.join(data['left_top3'][:20])})",
+    ]
+    return "\n".join(lines)

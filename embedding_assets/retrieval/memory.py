@@ -15,6 +15,7 @@ from embedding_assets.retrieval.index import (
     check_facets,
     checked_query,
 )
+from embedding_assets.retrieval.fusion import fuse_views, lexical_signal, lexical_text
 from embedding_assets.retrieval.ranking import LexicalIndex, fuse
 from embedding_assets.store import StoreSnapshot, open_store, redact_url
 
@@ -44,6 +45,12 @@ class MemoryIndex:
         self._category_codes, self._categories = _codes(snapshot.columns["category"])
         self._subcategory_codes, self._subcategories = _codes(snapshot.columns["subcategory"])
         self._lexical = LexicalIndex(lexical_documents(snapshot)) if lexical_weight else None
+        self._version = snapshot.version.to_model_version()
+        self._view_matrices = snapshot.view_matrices()
+        columns = snapshot.columns
+        self._signal = lexical_signal(
+            self._version, [lexical_text(*row) for row in zip(columns["subcategory"], columns["question"], columns["answer"])]
+        )
         self.loaded_at = datetime.now(UTC).isoformat(timespec="milliseconds")
 
     @classmethod
@@ -75,7 +82,9 @@ class MemoryIndex:
         if candidates.size == 0:
             return SearchResult((), self.identity)
         query = self.embedder.embed_query(text) if query_vector is None else query_vector
-        scores = self.snapshot.matrix @ query
+        scores = fuse_views(self._version, [matrix @ query for matrix in self._view_matrices])
+        if self._signal is not None:
+            scores = scores + self._signal.scores(text)
         lexical = self._lexical.scores(text) if self._lexical is not None else None
         if candidates.size < mask.size:
             scores = scores[candidates]

@@ -7,7 +7,7 @@ import os
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
 
@@ -71,6 +71,8 @@ class VersionInfo:
     created_at: str
     published_at: str
     is_current: bool
+    ranking: dict = field(default_factory=dict)
+    """Views, fusion and lexical signal the version ranks with (empty: one view, dense score only)."""
 
     def to_model_version(self) -> ModelVersion:
         return ModelVersion(
@@ -80,7 +82,7 @@ class VersionInfo:
             dimension=self.dimension,
             text_template=self.text_template,
             settings=self.settings,
-        )
+        ).with_ranking(self.ranking)
 
     def as_dict(self) -> dict:
         return {
@@ -113,7 +115,7 @@ TEMPLATE_FIELDS = tuple(StoredTemplate.__dataclass_fields__)
 INTEGER_FIELDS = frozenset(name for name, f in StoredTemplate.__dataclass_fields__.items() if f.type == "int")
 VERSION_FIELDS = (
     "key", "provider", "model", "dimension", "text_template", "settings", "fingerprint", "rows", "generation",
-    "created_at", "published_at",
+    "created_at", "published_at", "ranking",
 )
 """The model_versions table's columns, in table order."""
 
@@ -140,8 +142,9 @@ def editable_row(item: HashedTemplate) -> tuple:
 def version_info(row: Sequence, current: str | None) -> VersionInfo:
     """A model_versions row (VERSION_FIELDS order; settings as JSON text or already decoded)."""
     values = dict(zip(VERSION_FIELDS, row, strict=True))
-    if isinstance(values["settings"], str):
-        values["settings"] = json.loads(values["settings"])
+    for name in ("settings", "ranking"):
+        if isinstance(values[name], str):
+            values[name] = json.loads(values[name])
     return VersionInfo(**values, is_current=values["key"] == current)
 
 
@@ -175,6 +178,8 @@ class StoreSnapshot:
     columns: dict[str, Sequence]
     matrix: np.ndarray
     store_id: str = ""
+    views: Mapping[str, np.ndarray] = field(default_factory=dict)
+    """The vectors of every view but the first, by view name, in the rows' order."""
 
     @property
     def state(self) -> StoreState:
@@ -185,6 +190,16 @@ class StoreSnapshot:
 
     def template(self, position: int) -> StoredTemplate:
         return StoredTemplate(*(self.columns[name][position] for name in TEMPLATE_FIELDS))
+
+    def view_matrices(self) -> list[np.ndarray]:
+        """One matrix per view of the version, in its view order (the first is `matrix`)."""
+        names = [v.name for v in self.version.to_model_version().text_views]
+        return [self.matrix, *(self.views[name] for name in names[1:])]
+
+    def template_vectors(self) -> np.ndarray:
+        """(rows, dimension) for a single-view version, (rows, views, dimension) for several views."""
+        matrices = self.view_matrices()
+        return self.matrix if len(matrices) == 1 else np.stack(matrices, axis=1)
 
     @cached_property
     def templates(self) -> list[StoredTemplate]:
@@ -209,6 +224,10 @@ def drifted_fields(version: ModelVersion, stored: VersionInfo) -> list[tuple[str
         for name in ("provider", "model", "dimension", "text_template")
         if getattr(stored, name) != getattr(version, name)
     ]
+    stored_views = [(v.name, v.text_template) for v in stored.to_model_version().views]
+    views = [(v.name, v.text_template) for v in version.views]
+    if stored_views != views:
+        found.append(("views", dict(stored_views) or None, dict(views) or None))
     before = _vector_settings(stored.provider, stored.settings)
     after = _vector_settings(version.provider, version.settings)
     missing = object()
@@ -241,11 +260,13 @@ def check_publish_vectors(version: ModelVersion, plan: ChangePlan, vectors: Mapp
         raise StoreError(f"model version {version.key!r}: no vector for {len(missing)} changed text(s)")
     changed = [vectors[h] for h in changed_hashes]
     context = f"model version {version.key!r}, publish"
-    wrong = sorted({np.shape(v) for v in changed} - {(version.dimension,)})
+    wrong = sorted({np.shape(v) for v in changed} - {version.vector_shape})
     if wrong:
-        raise StoreError(f"{context}: expected dimension {version.dimension}, got vectors of shape {wrong}")
+        expected = f"dimension {version.dimension}" if not version.views else f"shape {version.vector_shape}"
+        raise StoreError(f"{context}: expected {expected}, got vectors of shape {wrong}")
+    rows = len(changed) * (len(version.views) or 1)
     try:
-        check_vectors(np.reshape(changed, (len(changed), version.dimension)), len(changed), version.dimension, context)
+        check_vectors(np.reshape(changed, (rows, version.dimension)), rows, version.dimension, context)
     except EmbeddingError as exc:
         raise StoreError(str(exc)) from exc
 

@@ -44,7 +44,8 @@ from embedding_assets.store.base import (
 from embedding_assets.store.urls import DEFAULT_SCHEMA, connection_settings, redact_url
 from embedding_assets.store.publishing import PublishingStore, polled_lock
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2 added views (template_views) and each version's ranking; a schema-1 store is upgraded by its first writer."""
 PAGE_SIZE = 500
 COPY_ROWS = 10_000
 MAX_EF_SEARCH = 1000
@@ -75,7 +76,8 @@ CREATE TABLE IF NOT EXISTS {schema}.model_versions (
     rows integer NOT NULL,
     generation bigint NOT NULL,
     created_at text NOT NULL,
-    published_at text NOT NULL
+    published_at text NOT NULL,
+    ranking jsonb NOT NULL DEFAULT '{{}}'
 );
 CREATE TABLE IF NOT EXISTS {schema}.templates (
     model_version text NOT NULL REFERENCES {schema}.model_versions(key) ON DELETE CASCADE,
@@ -91,9 +93,28 @@ CREATE TABLE IF NOT EXISTS {schema}.embedding_cache (
     created_at text NOT NULL,
     PRIMARY KEY (model_version, fingerprint, content_hash)
 );
+{views_table}
 INSERT INTO {schema}.store_meta VALUES ('schema_version', {schema_version}), ('generation', '0'),
     ('store_id', {store_id}) ON CONFLICT (key) DO NOTHING;
 """
+
+_VIEWS_TABLE = """
+CREATE TABLE IF NOT EXISTS {schema}.template_views (
+    model_version text NOT NULL,
+    template_id text NOT NULL,
+    view text NOT NULL,
+    embedding vector NOT NULL,
+    PRIMARY KEY (model_version, template_id, view),
+    FOREIGN KEY (model_version, template_id) REFERENCES {schema}.templates(model_version, template_id)
+        ON DELETE CASCADE
+);
+"""
+_UPGRADE_FROM_1 = (
+    "ALTER TABLE {schema}.model_versions ADD COLUMN IF NOT EXISTS ranking jsonb NOT NULL DEFAULT '{{}}';"
+    + _VIEWS_TABLE
+    + "UPDATE {schema}.store_meta SET value = {schema_version} WHERE key = 'schema_version';"
+)
+_VIEW_KINDS = ("text", "text", "text", "vector")
 
 _COLUMNS = sql.SQL(", ").join(map(sql.Identifier, TEMPLATE_FIELDS))
 _TEMPLATE_KINDS = ("text", *("int" if f in INTEGER_FIELDS else "text" for f in TEMPLATE_FIELDS), "vector")
@@ -161,6 +182,7 @@ class PostgresSession:
     def __init__(self, store: PostgresStore, cur: psycopg2.extensions.cursor):
         self._store = store
         self.cur = cur
+        self.schema_version = store._schema_version
 
     def _run(self, text: str, params: Sequence | None = None, **parts: sql.Composable) -> None:
         self.cur.execute(self._store._sql(text, **parts), params)
@@ -181,7 +203,10 @@ class PostgresSession:
         )
 
     def version_rows(self, key: str | None = None) -> list[tuple]:
-        columns = sql.SQL(", ").join(map(sql.Identifier, VERSION_FIELDS))
+        columns = sql.SQL(", ").join(
+            sql.SQL("'{}'::jsonb AS ranking") if name == "ranking" and self.schema_version < 2 else sql.Identifier(name)
+            for name in VERSION_FIELDS
+        )
         if key is None:
             self._run("SELECT {fields} FROM {schema}.model_versions ORDER BY key", fields=columns)
         else:
@@ -190,13 +215,14 @@ class PostgresSession:
 
     def upsert_version(self, version: ModelVersion, generation: int, published_at: str) -> None:
         self._run(
-            "INSERT INTO {schema}.model_versions VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, 0, %s, %s, %s) "
+            "INSERT INTO {schema}.model_versions VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, 0, %s, %s, %s, %s::jsonb) "
             "ON CONFLICT (key) DO UPDATE SET provider = EXCLUDED.provider, model = EXCLUDED.model, "
             "dimension = EXCLUDED.dimension, text_template = EXCLUDED.text_template, "
             "settings = EXCLUDED.settings, fingerprint = EXCLUDED.fingerprint, "
-            "generation = EXCLUDED.generation, published_at = EXCLUDED.published_at",
+            "generation = EXCLUDED.generation, published_at = EXCLUDED.published_at, ranking = EXCLUDED.ranking",
             (version.key, version.provider, version.model, version.dimension, version.text_template,
-             settings_json(version.settings), version.fingerprint(), generation, published_at, published_at),
+             settings_json(version.settings), version.fingerprint(), generation, published_at, published_at,
+             settings_json(version.ranking())),
         )
 
     def set_row_count(self, key: str, rows: int) -> None:
@@ -233,6 +259,34 @@ class PostgresSession:
             rows,
             page_size=PAGE_SIZE,
         )
+
+    def upsert_views(self, key: str, rows: list[tuple[str, str, np.ndarray]]) -> None:
+        self._store._upsert(
+            self.cur,
+            "template_views",
+            [(key, tid, view, vector) for tid, view, vector in rows],
+            _VIEW_KINDS,
+            "(model_version, template_id, view) DO UPDATE SET embedding = EXCLUDED.embedding",
+        )
+
+    def view_data(self, key: str, dimension: int, names: Sequence[str], rows: int) -> dict[str, np.ndarray]:
+        if self.schema_version < 2:
+            raise StoreCorruptError(f"{self._store.location}: store schema 1 holds no views for {key!r}")
+        matrices = {}
+        for name in names:
+            copied = io.BytesIO()
+            self.cur.copy_expert(
+                self._store._sql(
+                    "COPY (SELECT embedding FROM {schema}.template_views WHERE model_version = {key} "
+                    "AND view = {view} ORDER BY template_id) TO STDOUT WITH (FORMAT binary)",
+                    key=sql.Literal(key),
+                    view=sql.Literal(name),
+                ).as_string(self.cur.connection),
+                copied,
+            )
+            where = f"{self._store.location}: view {name!r} of {key!r}"
+            matrices[name] = _parse_vectors(copied.getvalue(), rows, dimension, where)
+        return matrices
 
     def delete_ids(self, key: str, ids: Sequence[str]) -> None:
         if ids:
@@ -301,6 +355,7 @@ class PostgresStore(PublishingStore):
         self.location = redact_url(url)
         self.read_only = False
         self.read_only_reason: str | None = None
+        self._schema_version = SCHEMA_VERSION
         self._dsn, self.schema = connection_settings(str(url))
         self._password = psycopg2.extensions.parse_dsn(self._dsn).get("password") if self._dsn else None
         self._conn = self._connect()
@@ -401,6 +456,7 @@ class PostgresStore(PublishingStore):
                             schema_version=sql.Literal(str(SCHEMA_VERSION)),
                             store_id=sql.Literal(new_store_id()),
                             template_columns=sql.SQL(column_definitions({"text": "text", "int": "integer"})),
+                            views_table=sql.SQL(_VIEWS_TABLE).format(schema=sql.Identifier(self.schema)),
                         )
                     )
             cur.execute(self._sql("SELECT value FROM {schema}.store_meta WHERE key = 'schema_version'"))
@@ -411,10 +467,20 @@ class PostgresStore(PublishingStore):
                     (new_store_id(),),
                 )
         version = int(row[0]) if row else 0
-        if version != SCHEMA_VERSION:
+        if version not in (1, SCHEMA_VERSION):
             raise StoreError(
                 f"{self.location} has store schema {version}; this software reads schema {SCHEMA_VERSION}"
             )
+        self._schema_version = version
+        if create and version == 1:
+            with self._transaction() as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_SCHEMA_LOCK,))
+                cur.execute(
+                    sql.SQL(_UPGRADE_FROM_1).format(
+                        schema=sql.Identifier(self.schema), schema_version=sql.Literal(str(SCHEMA_VERSION))
+                    )
+                )
+            self._schema_version = SCHEMA_VERSION
 
     def _has_store_tables(self, cur) -> bool:
         cur.execute(
@@ -551,11 +617,23 @@ class PostgresStore(PublishingStore):
     ) -> list[tuple[StoredTemplate, float]]:
         """The k published templates of a version nearest to query_vector (cosine), ranked in the database."""
         with self._transaction() as cur:
-            cur.execute(self._sql("SELECT dimension FROM {schema}.model_versions WHERE key = %s"), (key,))
+            ranking = sql.SQL("ranking" if self._schema_version >= 2 else "'{}'::jsonb")
+            cur.execute(
+                self._sql("SELECT dimension, {ranking} FROM {schema}.model_versions WHERE key = %s", ranking=ranking),
+                (key,),
+            )
             row = cur.fetchone()
             if row is None:
                 raise StoreError(f"{self.location}: model version {key!r} has not been published")
-            dimension = row[0]
+            dimension, ranking = row
+            if ranking.get("views"):
+                query = np.asarray(query_vector, dtype=np.float32).reshape(-1)
+                if query.shape != (dimension,):
+                    raise StoreError(
+                        f"model version {key!r}: query vector has shape {query.shape}, expected ({dimension},)"
+                    )
+                found = self._fused_search(cur, key, dimension, ranking, query, k, category, subcategory)
+                return [(StoredTemplate(*r[:-1]), float(r[-1])) for r in found]
             query = np.asarray(query_vector, dtype=np.float32).reshape(-1)
             if query.shape != (dimension,):
                 raise StoreError(f"model version {key!r}: query vector has shape {query.shape}, expected ({dimension},)")
@@ -586,6 +664,48 @@ class PostgresStore(PublishingStore):
         ranked = [(StoredTemplate(*r[:-1]), 1.0 - float(r[-1])) for r in found]
         ranked.sort(key=lambda pair: (-pair[1], pair[0].template_id))
         return ranked
+
+    def _fused_search(
+        self, cur, key: str, dimension: int, ranking: dict, query: np.ndarray, k: int,
+        category: str | None, subcategory: str | None,
+    ) -> list[tuple]:
+        """Every view's cosine similarity fused as the version declares (an exact scan, not the HNSW index)."""
+        vector = sql.SQL("%(query)s::vector({})").format(sql.Literal(int(dimension)))
+        views = ranking["views"]
+        joins, terms = [], []
+        for position, (name, _, weight) in enumerate(views):
+            alias = sql.Identifier(f"v{position}")
+            column = sql.SQL("t.embedding") if position == 0 else sql.SQL("{}.embedding").format(alias)
+            if position:
+                joins.append(sql.SQL(
+                    "JOIN {schema}.template_views AS {alias} ON {alias}.model_version = t.model_version "
+                    "AND {alias}.template_id = t.template_id AND {alias}.view = {name}"
+                ).format(schema=sql.Identifier(self.schema), alias=alias, name=sql.Literal(name)))
+            terms.append(sql.SQL("{weight} * (1 - ({column}::vector({d}) <=> {vector}))").format(
+                weight=sql.Literal(float(weight)), column=column, d=sql.Literal(int(dimension)), vector=vector))
+        score = (sql.SQL("GREATEST({})") if ranking.get("fusion") == "max" else sql.SQL("({})")).format(
+            sql.SQL(", " if ranking.get("fusion") == "max" else " + ").join(terms)
+        )
+        filters = [sql.SQL("t.model_version = %(key)s")]
+        params: dict = {"query": query, "key": key, "k": int(k)}
+        for column, value in (("category", category), ("subcategory", subcategory)):
+            if value is not None:
+                filters.append(sql.SQL("t.{} = %({})s").format(sql.Identifier(column), sql.SQL(column)))
+                params[column] = value
+        cur.execute(
+            sql.SQL(
+                "SELECT {columns}, {score} AS score FROM {schema}.templates AS t {joins} WHERE {filters} "
+                "ORDER BY score DESC, t.template_id LIMIT %(k)s"
+            ).format(
+                columns=sql.SQL(", ").join(sql.Identifier("t", name) for name in TEMPLATE_FIELDS),
+                score=score,
+                schema=sql.Identifier(self.schema),
+                joins=sql.SQL(" ").join(joins),
+                filters=sql.SQL(" AND ").join(filters),
+            ),
+            params,
+        )
+        return cur.fetchall()
 
     def close(self) -> None:
         self._conn.close()

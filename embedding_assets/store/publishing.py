@@ -61,6 +61,14 @@ class StoreSession(Protocol):
 
     def update_fields(self, key: str, rows: list[tuple]) -> None: ...
 
+    def upsert_views(self, key: str, rows: list[tuple[str, str, np.ndarray]]) -> None:
+        """(template id, view name, vector) of every view but the first (the templates' rows exist)."""
+        ...
+
+    def view_data(self, key: str, dimension: int, names: Sequence[str], rows: int) -> dict[str, np.ndarray]:
+        """The vectors of the named views, one matrix per view in template-id order."""
+        ...
+
     def delete_ids(self, key: str, ids: Sequence[str]) -> None: ...
 
     def delete_rows(self, key: str) -> int: ...
@@ -176,7 +184,7 @@ class PublishingStore:
             stored_generation = stored.generation if stored else None
             if stored_generation != plan.base_generation and not plan.rebuild:
                 plan, vectors = self._rebase(session, version, plan, vectors, stored_generation)
-            if stored and not plan.has_changes:
+            if stored and not plan.has_changes and stored.ranking == version.ranking():
                 return PublishResult(
                     key, stored.generation, stored.rows, False, stored.is_current, time.perf_counter() - started
                 )
@@ -186,7 +194,13 @@ class PublishingStore:
             if plan.rebuild:
                 session.delete_rows(key)
             changed = [*plan.new, *plan.modified]
-            session.upsert_rows(key, [template_row(i) for i in changed], [vectors[i.content_hash] for i in changed])
+            stacked = [np.asarray(vectors[i.content_hash], dtype=np.float32) for i in changed]
+            session.upsert_rows(key, [template_row(i) for i in changed], [v if v.ndim == 1 else v[0] for v in stacked])
+            session.upsert_views(
+                key,
+                [(i.template_id, view.name, v[n]) for i, v in zip(changed, stacked, strict=True)
+                 for n, view in enumerate(version.views[1:], start=1)],
+            )
             session.update_fields(key, [editable_row(i) for i in plan.metadata_updated])
             session.delete_ids(key, plan.deleted)
             rows = session.count(key)
@@ -278,8 +292,10 @@ class PublishingStore:
             if info is None:
                 raise StoreError(f"{self.location}: model version {key!r} has not been published")
             columns, matrix = session.snapshot_data(key, info.dimension)
+            extra = [v.name for v in info.to_model_version().views[1:]]
+            views = session.view_data(key, info.dimension, extra, len(matrix)) if extra else {}
         return StoreSnapshot(
-            version=info, store_generation=generation, columns=columns, matrix=matrix, store_id=store_id
+            version=info, store_generation=generation, columns=columns, matrix=matrix, store_id=store_id, views=views
         )
 
 

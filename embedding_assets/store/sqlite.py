@@ -32,12 +32,14 @@ from embedding_assets.store.base import (
 )
 from embedding_assets.store.publishing import PublishingStore, polled_lock
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2 added views (template_views) and each version's ranking; a schema-1 store is upgraded by its first writer."""
 _PARAMS_PER_QUERY = 900
 _TEMPLATE_COLUMNS = ", ".join(TEMPLATE_FIELDS)
 # Statements built from the declared column names only; values always go in as parameters.
-_SELECT_VERSIONS = f"SELECT {', '.join(VERSION_FIELDS)} FROM model_versions ORDER BY key"
-_SELECT_VERSION = f"SELECT {', '.join(VERSION_FIELDS)} FROM model_versions WHERE key = ?"
+_VERSION_COLUMNS = ", ".join(VERSION_FIELDS)
+# A schema-1 store read before its upgrade has no ranking column: every version has the empty ranking.
+_SCHEMA_1_VERSION_COLUMNS = _VERSION_COLUMNS.replace("ranking", "'{}' AS ranking")
 _SELECT_TEMPLATES = f"SELECT {_TEMPLATE_COLUMNS} FROM templates WHERE model_version = ?"
 _SELECT_SNAPSHOT = f"SELECT {_TEMPLATE_COLUMNS}, vector FROM templates WHERE model_version = ? ORDER BY template_id"
 _UPSERT_TEMPLATE = (
@@ -48,6 +50,21 @@ _UPSERT_TEMPLATE = (
 _UPDATE_FIELDS = (
     f"UPDATE templates SET {', '.join(f'{name} = ?' for name in EDITABLE_FIELDS)} "
     "WHERE model_version = ? AND template_id = ?"
+)
+
+_VIEWS_TABLE = """
+CREATE TABLE IF NOT EXISTS template_views (
+    model_version TEXT NOT NULL,
+    template_id TEXT NOT NULL,
+    view TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    PRIMARY KEY (model_version, template_id, view),
+    FOREIGN KEY (model_version, template_id) REFERENCES templates(model_version, template_id) ON DELETE CASCADE
+) WITHOUT ROWID;
+"""
+_UPGRADE_FROM_1 = (
+    "ALTER TABLE model_versions ADD COLUMN ranking TEXT NOT NULL DEFAULT '{}'",
+    _VIEWS_TABLE,
 )
 
 _SCHEMA = f"""
@@ -66,7 +83,8 @@ CREATE TABLE IF NOT EXISTS model_versions (
     rows INTEGER NOT NULL,
     generation INTEGER NOT NULL,
     created_at TEXT NOT NULL,
-    published_at TEXT NOT NULL
+    published_at TEXT NOT NULL,
+    ranking TEXT NOT NULL DEFAULT '{{}}'
 );
 CREATE TABLE IF NOT EXISTS templates (
     model_version TEXT NOT NULL REFERENCES model_versions(key) ON DELETE CASCADE,
@@ -82,6 +100,7 @@ CREATE TABLE IF NOT EXISTS embedding_cache (
     created_at TEXT NOT NULL,
     PRIMARY KEY (model_version, fingerprint, content_hash)
 ) WITHOUT ROWID;
+{_VIEWS_TABLE}
 """
 
 _LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
@@ -137,9 +156,10 @@ def _unwritable_reason(path: Path) -> str | None:
 class SqliteSession:
     """The SQLite dialect of the store's primitives, inside one transaction."""
 
-    def __init__(self, conn: sqlite3.Connection, location: str):
+    def __init__(self, conn: sqlite3.Connection, location: str, schema_version: int = SCHEMA_VERSION):
         self.conn = conn
         self.location = location
+        self.schema_version = schema_version
 
     def meta(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM store_meta WHERE key = ?", (key,)).fetchone()
@@ -151,19 +171,21 @@ class SqliteSession:
         )
 
     def version_rows(self, key: str | None = None) -> list[tuple]:
+        columns = _VERSION_COLUMNS if self.schema_version >= 2 else _SCHEMA_1_VERSION_COLUMNS
         if key is None:
-            return self.conn.execute(_SELECT_VERSIONS).fetchall()
-        return self.conn.execute(_SELECT_VERSION, (key,)).fetchall()
+            return self.conn.execute(f"SELECT {columns} FROM model_versions ORDER BY key").fetchall()
+        return self.conn.execute(f"SELECT {columns} FROM model_versions WHERE key = ?", (key,)).fetchall()
 
     def upsert_version(self, version: ModelVersion, generation: int, published_at: str) -> None:
         self.conn.execute(
-            "INSERT INTO model_versions VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?) "
+            "INSERT INTO model_versions VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?) "
             "ON CONFLICT(key) DO UPDATE SET provider = excluded.provider, model = excluded.model, "
             "dimension = excluded.dimension, text_template = excluded.text_template, "
             "settings = excluded.settings, fingerprint = excluded.fingerprint, "
-            "generation = excluded.generation, published_at = excluded.published_at",
+            "generation = excluded.generation, published_at = excluded.published_at, ranking = excluded.ranking",
             (version.key, version.provider, version.model, version.dimension, version.text_template,
-             settings_json(version.settings), version.fingerprint(), generation, published_at, published_at),
+             settings_json(version.settings), version.fingerprint(), generation, published_at, published_at,
+             settings_json(version.ranking())),
         )
 
     def set_row_count(self, key: str, rows: int) -> None:
@@ -181,6 +203,29 @@ class SqliteSession:
 
     def update_fields(self, key: str, rows: list[tuple]) -> None:
         self.conn.executemany(_UPDATE_FIELDS, [(*row[1:], key, row[0]) for row in rows])
+
+    def upsert_views(self, key: str, rows: list[tuple[str, str, np.ndarray]]) -> None:
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO template_views VALUES (?, ?, ?, ?)",
+            [(key, tid, view, _blob(vector)) for tid, view, vector in rows],
+        )
+
+    def view_data(self, key: str, dimension: int, names: Sequence[str], rows: int) -> dict[str, np.ndarray]:
+        if self.schema_version < 2:
+            raise StoreCorruptError(f"{self.location}: store schema 1 holds no views for {key!r}")
+        matrices = {}
+        for name in names:
+            found = self.conn.execute(
+                "SELECT vector FROM template_views WHERE model_version = ? AND view = ? ORDER BY template_id",
+                (key, name),
+            ).fetchall()
+            blob = b"".join(row[0] for row in found)
+            if len(found) != rows or len(blob) != rows * dimension * 4:
+                raise StoreCorruptError(
+                    f"{self.location}: view {name!r} of {key!r} has {len(found)} vectors for {rows} templates"
+                )
+            matrices[name] = np.frombuffer(blob, dtype="<f4").reshape(rows, dimension)
+        return matrices
 
     def delete_ids(self, key: str, ids: Sequence[str]) -> None:
         self.conn.executemany(
@@ -245,6 +290,7 @@ class SqliteStore(PublishingStore):
         self.read_only = not create
         self.read_only_reason: str | None = None
         self._conn: sqlite3.Connection | None = None
+        self._schema_version = SCHEMA_VERSION
         try:
             self._open(create)
         except BaseException:
@@ -331,8 +377,16 @@ class SqliteStore(PublishingStore):
         with self._read() as session:
             version = int(session.meta("schema_version") or 0)
             has_id = session.meta("store_id") is not None
-        if version != SCHEMA_VERSION:
+        if version not in (1, SCHEMA_VERSION):
             raise StoreError(f"{self.path} has store schema {version}; this software reads schema {SCHEMA_VERSION}")
+        self._schema_version = version
+        if create and version == 1:
+            with self._write() as session:
+                if int(session.meta("schema_version")) == 1:
+                    for statement in _UPGRADE_FROM_1:
+                        session.conn.execute(statement)
+                    session.write_meta("schema_version", str(SCHEMA_VERSION))
+            self._schema_version = SCHEMA_VERSION
         if create and not has_id:
             with self._write() as session:
                 if session.meta("store_id") is None:
@@ -344,7 +398,7 @@ class SqliteStore(PublishingStore):
         try:
             conn.execute(begin)
             try:
-                yield SqliteSession(conn, self.location)
+                yield SqliteSession(conn, self.location, self._schema_version)
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
