@@ -57,7 +57,7 @@ def _ms(seconds: float) -> dg.MetadataValue:
     return dg.MetadataValue.float(round(seconds * 1000, 2))
 
 
-@dg.asset(group_name=GROUP, kinds={"excel", "pandas"})
+@dg.asset(group_name=GROUP, kinds={"excel", "csv"})
 def faq_templates(context: dg.AssetExecutionContext, faq: FaqWorkbook) -> dg.Output[list[Template]]:
     """FAQ templates parsed and normalised from the Excel workbook."""
     started = time.perf_counter()
