@@ -180,6 +180,11 @@ def run_report(key: str, result) -> dict:
             embedded = values
         elif name == "embedding_store":
             published = values
+    check_cost = {"requests": 0, "inputs": 0}
+    for evaluation in result.get_asset_check_evaluations():
+        for item, field in (("requests", "requests"), ("inputs", "query_vectors_embedded")):
+            if field in evaluation.metadata:
+                check_cost[item] += int(evaluation.metadata[field].value)
     return {
         "model_version": key,
         "success": result.success,
@@ -187,7 +192,11 @@ def run_report(key: str, result) -> dict:
         "embedded": embedded.get("embedded"),
         "embedding_calls": embedded.get("embedding_calls"),
         "embed_ms": embedded.get("embed_ms"),
-        **{item: embedded.get(item, 0 if item != "tokens" else None) for item in ("requests", "inputs", "tokens", "retries")},
+        "requests": embedded.get("requests", 0) + check_cost["requests"],
+        "inputs": embedded.get("inputs", 0) + check_cost["inputs"],
+        "tokens": embedded.get("tokens"),
+        "retries": embedded.get("retries", 0),
+        "check_requests": check_cost["requests"],
         "rows": published.get("rows"),
         "generation": published.get("generation"),
         "published": bool(published.get("published")),
@@ -208,8 +217,8 @@ def summary_text(c: dict) -> str:
         f"{key}: {c['new']} new, {c['modified']} modified, {c['deleted']} deleted, {c['unchanged']} unchanged "
         f"({c['metadata_updated']} with updated fields); embedded {c['embedded']} text(s) in "
         f"{c['embedding_calls']} call(s); {outcome}{' (current)' if c['current'] else ''} in {c['store']}\n"
-        f"{key}: cost {c['requests']} request(s), {c['inputs']} input(s), "
-        f"{'n/a' if c['tokens'] is None else c['tokens']} token(s), {c['retries']} retries, "
+        f"{key}: cost {c['requests']} request(s) ({c['check_requests']} by the checks), {c['inputs']} input(s), "
+        f"{'n/a' if c['tokens'] is None else c['tokens']} passage token(s), {c['retries']} retries, "
         f"{(c['embed_ms'] or 0) / 1000:.2f} s"
     )
 

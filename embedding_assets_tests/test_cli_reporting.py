@@ -133,3 +133,17 @@ def test_help_documents_the_exit_codes_and_a_usage_error_exits_2(project):
                              text=True, timeout=60)
     assert unknown.returncode == 2
     assert "No such option '--no-such-option'" in unknown.stderr
+
+
+def test_the_reported_cost_counts_every_request_the_run_sent_the_checks_queries_included(project, server):
+    server.reset(fallback=Reply())
+
+    done = materialize(project, "--json")
+
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    sent = len(server.requests)
+    passages = TEMPLATES // BATCH
+    assert sent > passages  # the retrieval_quality check embedded its queries through the same API
+    assert (report["requests"], report["check_requests"]) == (sent, sent - passages)
+    assert report["inputs"] == len(server.inputs)
