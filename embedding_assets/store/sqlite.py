@@ -40,6 +40,14 @@ _TEMPLATE_COLUMNS = ", ".join(TEMPLATE_FIELDS)
 _VERSION_COLUMNS = ", ".join(VERSION_FIELDS)
 # A schema-1 store read before its upgrade has no ranking column: every version has the empty ranking.
 _SCHEMA_1_VERSION_COLUMNS = _VERSION_COLUMNS.replace("ranking", "'{}' AS ranking")
+_SELECT_VERSIONS = (
+    f"SELECT {_VERSION_COLUMNS} FROM model_versions ORDER BY key",
+    f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE key = ?",
+)
+_SELECT_SCHEMA_1_VERSIONS = (
+    f"SELECT {_SCHEMA_1_VERSION_COLUMNS} FROM model_versions ORDER BY key",
+    f"SELECT {_SCHEMA_1_VERSION_COLUMNS} FROM model_versions WHERE key = ?",
+)
 _SELECT_TEMPLATES = f"SELECT {_TEMPLATE_COLUMNS} FROM templates WHERE model_version = ?"
 _SELECT_SNAPSHOT = f"SELECT {_TEMPLATE_COLUMNS}, vector FROM templates WHERE model_version = ? ORDER BY template_id"
 _UPSERT_TEMPLATE = (
@@ -171,10 +179,10 @@ class SqliteSession:
         )
 
     def version_rows(self, key: str | None = None) -> list[tuple]:
-        columns = _VERSION_COLUMNS if self.schema_version >= 2 else _SCHEMA_1_VERSION_COLUMNS
+        every, one = _SELECT_VERSIONS if self.schema_version >= 2 else _SELECT_SCHEMA_1_VERSIONS
         if key is None:
-            return self.conn.execute(f"SELECT {columns} FROM model_versions ORDER BY key").fetchall()
-        return self.conn.execute(f"SELECT {columns} FROM model_versions WHERE key = ?", (key,)).fetchall()
+            return self.conn.execute(every).fetchall()
+        return self.conn.execute(one, (key,)).fetchall()
 
     def upsert_version(self, version: ModelVersion, generation: int, published_at: str) -> None:
         self.conn.execute(
