@@ -186,10 +186,7 @@ class IntermediateIOManager(dg.ConfigurableIOManager):
     """
 
     def _pointer(self, context: dg.OutputContext | dg.InputContext, storage: Path) -> Path:
-        name = "/".join(context.asset_key.path)
-        if context.has_asset_partitions:
-            name += f"/{context.asset_partition_key}"
-        return storage / "intermediates" / "pointers" / f"{name}.ref"
+        return storage / "intermediates" / "pointers" / f"{_output_name(context)}.ref"
 
     def handle_output(self, context: dg.OutputContext, obj: object) -> None:
         storage = Path(context.step_context.instance.storage_directory())
@@ -219,12 +216,21 @@ class IntermediateIOManager(dg.ConfigurableIOManager):
             data = (storage / "intermediates" / "blobs" / f"{digest}.pickle").read_bytes()
         except FileNotFoundError as exc:
             raise dg.Failure(
-                f"no stored output of {context.asset_key.to_user_string()}: materialize it first"
+                f"no stored output of {_output_name(context)}: materialize it first"
             ) from exc
         return pickle.loads(data)
 
 
 _MISSING = object()
+
+
+def _output_name(context: dg.OutputContext | dg.InputContext) -> str:
+    """An asset's key (and partition), or an op's step and output name."""
+    if context.has_asset_key:
+        name = "/".join(context.asset_key.path)
+        return f"{name}/{context.asset_partition_key}" if context.has_asset_partitions else name
+    output = context if isinstance(context, dg.OutputContext) else context.upstream_output
+    return f"ops/{output.step_key}/{output.name}"
 
 
 def _drop_unreferenced(root: Path, digest: str) -> None:
