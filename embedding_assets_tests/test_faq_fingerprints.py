@@ -196,3 +196,11 @@ def test_the_generated_workbooks_hold_the_cases_they_are_for(tmp_path: Path) -> 
 
 def test_line_breaks_and_stray_spaces_change_no_content_hash(tmp_path: Path) -> None:
     assert _digests(parse_faq(_workbook("line-breaks", tmp_path)))[2] == EXPECTED["sample"][2]
+
+
+def test_every_whitespace_character_but_the_space_is_unprintable() -> None:
+    """What lets the reader tidy a column whose only unprintable characters are line breaks and tabs by replacing them."""
+    import sys
+
+    spaces = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
+    assert [c for c in spaces if c.isprintable()] == [" "]

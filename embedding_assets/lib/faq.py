@@ -161,10 +161,11 @@ def _read_faq(path: Path, columns: FaqColumns, sheet: str | int | None, header_r
     width = max(positions.values()) + 1
     if data and min(map(len, data)) < width:
         data = [row if len(row) >= width else [*row, *[""] * (width - len(row))] for row in data]
+    sheet_columns = list(zip(*data)) if data else [()] * width  # one pass over the rows, all columns at once
     found: list[tuple[int, str]] = []  # (row, problem), sorted by row at the end
     # Column by column, in the order of _FIELDS; a column the sheet does not have reads as empty.
     cells = [
-        _column_text([row[positions[field]] for row in data], field, first + 1, headers[field], found)
+        _column_text(list(sheet_columns[positions[field]]), field, first + 1, headers[field], found)
         if field in positions
         else [""] * count
         for field in _FIELDS
@@ -186,7 +187,7 @@ def _read_faq(path: Path, columns: FaqColumns, sheet: str | int | None, header_r
     category, subcategory, question, answer, priority, audience, ids = cells
     if not has_ids:
         ids = _disambiguate(list(map(derived_template_id, category, subcategory, question)))
-    templates = list(map(_new_template, ids, category, subcategory, question, answer, priority, audience, source_rows))
+    templates = _new_templates(ids, category, subcategory, question, answer, priority, audience, source_rows)
     return FaqSheet(
         templates=templates,
         sheet=grid.name,
@@ -204,7 +205,7 @@ def _check_incomplete_rows(
 ) -> set[int]:
     """Empty cells: blank rows are returned (to skip), hidden values filled in, empty required cells reported."""
     present = [k for k, field in enumerate(_FIELDS) if field in positions]
-    empty = {k: set(compress(range(len(cells[k])), map(not_, cells[k]))) if "" in cells[k] else set() for k in present}
+    empty = {k: set() if all(cells[k]) else set(compress(range(len(cells[k])), map(not_, cells[k]))) for k in present}
     blank_rows = set.intersection(*empty.values())  # a column the sheet lacks is empty in every row
     for k in present:
         empty[k] -= blank_rows
@@ -280,21 +281,31 @@ def _check_ids(ids: list[str], blank_rows: set[int], first: int, header: str, fo
             id_rows[template_id] = row
 
 
-def _new_template(
-    template_id: str, category: str, subcategory: str, question: str, answer: str, priority: str, audience: str, row: int
-) -> Template:
-    """Template(...) without its frozen __init__, which sets each field through object.__setattr__ (the reader's largest cost)."""
-    template = _new_object(Template)
-    fields = template.__dict__
-    fields["template_id"] = template_id
-    fields["category"] = category
-    fields["subcategory"] = subcategory
-    fields["question"] = question
-    fields["answer"] = answer
-    fields["priority"] = priority
-    fields["audience"] = audience
-    fields["source_row"] = row
-    return template
+def _new_templates(
+    ids: list[str],
+    category: list[str],
+    subcategory: list[str],
+    question: list[str],
+    answer: list[str],
+    priority: list[str],
+    audience: list[str],
+    rows: Sequence[int],
+) -> list[Template]:
+    """Template(...) per row without its frozen __init__, which sets each field through object.__setattr__ (the reader's largest cost)."""
+    templates = list(map(_new_object, repeat(Template, len(ids))))
+    for template, template_id, category_, subcategory_, question_, answer_, priority_, audience_, row in zip(
+        templates, ids, category, subcategory, question, answer, priority, audience, rows
+    ):
+        fields = template.__dict__
+        fields["template_id"] = template_id
+        fields["category"] = category_
+        fields["subcategory"] = subcategory_
+        fields["question"] = question_
+        fields["answer"] = answer_
+        fields["priority"] = priority_
+        fields["audience"] = audience_
+        fields["source_row"] = row
+    return templates
 
 
 _new_object = object.__new__
@@ -371,12 +382,28 @@ def _column_text(values: list, field: str, first_row: int, header: str, found: l
     if not (spaced.isascii() or unicodedata.is_normalized("NFC", spaced)):
         return [value if value is _REPORTED else normalize_text(value) for value in values]
     if not spaced.isprintable():
-        for i in compress(range(len(values)), map(not_, map(str.isprintable, values))):
-            values[i] = _tidy(values[i])  # a line break, tab, invisible or control character
-        spaced = " ".join(filter(None, values))
+        spaced = _tidy_unprintable_cells(values, spaced)
     if _DOUBLE_SPACE.search(spaced) or spaced[:1] == " " or spaced[-1:] == " ":
         return [v if "  " not in v and v[:1] != " " and v[-1:] != " " else _tidy(v) for v in values]
     return values
+
+
+def _tidy_unprintable_cells(values: list[str], spaced: str) -> str:
+    """Tidy, in place, the cells holding a character that is not printable; the column's cells joined by spaces after."""
+    breaks = [character for character in _BREAKS if character in spaced]
+    flat = spaced
+    for character in breaks:
+        flat = flat.replace(character, " ")
+    if breaks and flat.isprintable():
+        # Only line breaks and tabs: each becomes a space (runs of spaces are collapsed after), so the
+        # column's joined text is `flat` and only the cells holding one change.
+        for character in breaks:
+            for i in compress(range(len(values)), map(str.__contains__, values, repeat(character))):
+                values[i] = values[i].replace(character, " ")
+        return flat
+    for i in compress(range(len(values)), map(not_, map(str.isprintable, values))):
+        values[i] = _tidy(values[i])  # an invisible or control character, or a space other than " "
+    return " ".join(filter(None, values))
 
 
 def _report_typed_cells(values: list, field: str, first_row: int, header: str, found: list[tuple[int, str]]) -> list[int]:
@@ -390,6 +417,7 @@ def _report_typed_cells(values: list, field: str, first_row: int, header: str, f
 
 
 _DOUBLE_SPACE = re.compile("  ")
+_BREAKS = "\n\r\t"  # the only unprintable characters of most cells; any other whitespace is unprintable too
 _REPEATING_FIELDS = frozenset({"category", "subcategory", "priority", "audience"})
 
 
