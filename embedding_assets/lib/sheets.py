@@ -343,7 +343,7 @@ def _hidden_cells(package: zipfile.ZipFile, name: str) -> tuple[dict[tuple[int, 
         return {}, {}
     unsaved: dict[tuple[int, int], str] = {}
     errors: dict[tuple[int, int], str] = {}
-    if b"<f" not in xml and b't="e"' not in xml:
+    if not (_holds(xml, b"<f", 1) or _holds(xml, b't="e"', 3)):
         return unsaved, errors
     for hit in _FORMULA_OR_ERROR.finditer(xml):
         start = xml.rfind(b"<c ", 0, hit.start())
@@ -363,6 +363,23 @@ def _hidden_cells(package: zipfile.ZipFile, name: str) -> tuple[dict[tuple[int, 
             text = formula.group(1) if formula and formula.group(1) else None
             unsaved[position] = "=" + html.unescape(text.decode("utf-8")) if text else "(shared formula)"
     return unsaved, errors
+
+
+def _holds(xml: bytes, needle: bytes, rare: int) -> bool:
+    """`needle in xml`, found through the needle's byte at `rare`, which cell markup seldom holds: memchr finds
+    that byte many times faster than the general search finds the needle."""
+    byte = needle[rare : rare + 1]
+    at = xml.find(byte, rare)
+    for _ in range(_RARE_BYTE_HITS):
+        if at < 0:
+            return False
+        if xml.startswith(needle, at - rare):
+            return True
+        at = xml.find(byte, at + 1)
+    return at >= 0 and xml.find(needle, at - rare) >= 0  # not rare in this sheet after all
+
+
+_RARE_BYTE_HITS = 256
 
 
 def _column_index(letters: str) -> int:
