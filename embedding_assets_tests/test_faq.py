@@ -728,6 +728,23 @@ def test_a_csv_with_a_title_line_above_its_header(tmp_path: Path) -> None:
     assert read.note == "read sheet 'faq' (a CSV file); headers in row 3"
 
 
+def test_a_csv_line_that_ends_early_reads_its_missing_cells_as_empty(tmp_path: Path) -> None:
+    header = [*HEADER[:5], ANSWER, HEADER[5]]  # the audience last
+    lines = [
+        header,
+        ["A-1", "Карты", "Выпуск", "Вопрос 1?", "высокий", "Ответ 1.", "все"],
+        ["A-2", "Карты", "Выпуск", "Вопрос 2?", "высокий", "Ответ 2."],
+    ]
+    path = tmp_path / "faq.csv"
+    path.write_text("\n".join(";".join(line) for line in lines) + "\n", encoding="utf-8")
+    assert [(t.template_id, t.audience) for t in parse_faq(path)] == [("A-1", "все"), ("A-2", "")]
+    lines.append(["A-3", "Карты", "Выпуск", "Вопрос 3?"])
+    path.write_text("\n".join(";".join(line) for line in lines) + "\n", encoding="utf-8")
+    with pytest.raises(FaqError) as exc_info:
+        parse_faq(path)
+    assert exc_info.value.problems == [f"row 4, column {ANSWER!r}: empty answer"]
+
+
 @pytest.mark.parametrize(
     ("name", "content", "problem"),
     [

@@ -159,9 +159,10 @@ def _read_faq(path: Path, columns: FaqColumns, sheet: str | int | None, header_r
     data = grid.rows[first:]
     count = len(data)
     width = max(positions.values()) + 1
-    if data and min(map(len, data)) < width:
-        data = [row if len(row) >= width else [*row, *[""] * (width - len(row))] for row in data]
     sheet_columns = list(zip(*data)) if data else [()] * width  # one pass over the rows, all columns at once
+    if len(sheet_columns) < width:  # a row ends before the last column read (a short CSV line)
+        data = [row if len(row) >= width else [*row, *[""] * (width - len(row))] for row in data]
+        sheet_columns = list(zip(*data))
     found: list[tuple[int, str]] = []  # (row, problem), sorted by row at the end
     # Column by column, in the order of _FIELDS; a column the sheet does not have reads as empty.
     cells = [
