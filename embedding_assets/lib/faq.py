@@ -36,8 +36,12 @@ def normalize_text(value: object) -> str:
 
 def _tidy(text: str) -> str:
     """`normalize_text` of a text already in NFC."""
-    if text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " ":
-        return text  # the common case, quickly
+    if text.isprintable():  # so its only whitespace is " "
+        if "  " not in text and text[:1] != " " and text[-1:] != " ":
+            return text  # the common case, quickly
+        while "  " in text:
+            text = text.replace("  ", " ")
+        return text.strip(" ")
     collapsed = " ".join(text.split())
     if collapsed.isprintable():  # no format or control character left: nothing invisible to drop
         return collapsed
