@@ -109,6 +109,15 @@ def derived_template_id(category: str, subcategory: str, question: str) -> str:
     return "t-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
 
 
+def _derived_template_ids(category: list[str], subcategory: list[str], question: list[str]) -> list[str]:
+    """`derived_template_id` of each row, without a Python call per row."""
+    folded = zip(map(str.casefold, category), map(str.casefold, subcategory), map(str.casefold, question))
+    return ["t-" + _sha256(key.encode("utf-8")).hexdigest()[:12] for key in map("\x1f".join, folded)]
+
+
+_sha256 = hashlib.sha256
+
+
 def is_derived_id(template_id: str) -> bool:
     """Whether the id was derived by the reader (the sheet had no id column)."""
     return _DERIVED_ID.fullmatch(template_id) is not None
@@ -191,7 +200,7 @@ def _read_faq(path: Path, columns: FaqColumns, sheet: str | int | None, header_r
         raise FaqError(path, ["the sheet has a header but no templates"])
     category, subcategory, question, answer, priority, audience, ids = cells
     if not has_ids:
-        ids = _disambiguate(list(map(derived_template_id, category, subcategory, question)))
+        ids = _disambiguate(_derived_template_ids(category, subcategory, question))
     templates = _new_templates(ids, category, subcategory, question, answer, priority, audience, source_rows)
     return FaqSheet(
         templates=templates,
