@@ -126,9 +126,9 @@ def _read_csv(path: Path, sheet: str | int | None) -> Sheet:
         raise SheetError(
             [f"is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save it as CSV UTF-8"]
         ) from exc
-    delimiter = _csv_delimiter([line for line in text.splitlines()[:_CSV_SNIFFED_LINES] if line.strip()])
+    delimiter = _csv_delimiter([line for line in _first_lines(text, _CSV_SNIFFED_LINES) if line.strip()])
     try:
-        rows = [list(row) for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)]
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
     except csv.Error as exc:
         raise SheetError([f"cannot be read as CSV ({exc})"]) from exc
     name = path.stem
@@ -137,6 +137,16 @@ def _read_csv(path: Path, sheet: str | int | None) -> Sheet:
     if sheet not in (None, 0, name):
         raise SheetError([f"a CSV file has one sheet; no sheet named {sheet!r}"])
     return Sheet(name=name, rows=rows, sheets=[SheetInfo(name, True)], how_chosen="a CSV file")
+
+
+def _first_lines(text: str, count: int) -> list[str]:
+    """`text.splitlines()[:count]`, without splitting the whole text when its start holds them."""
+    lines = text[:_CSV_HEAD_CHARACTERS].splitlines()
+    # Each of the first `count` lines ends within the head only when the head holds more lines than that.
+    return lines[:count] if len(lines) > count else text.splitlines()[:count]
+
+
+_CSV_HEAD_CHARACTERS = 1 << 16
 
 
 def _csv_delimiter(lines: list[str]) -> str:
