@@ -19,8 +19,11 @@ from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import ChangePlan, StoredTemplate, build_change_plan
 from embedding_assets.store.base import (
     ModelVersionMismatchError,
+    NothingToRollBackError,
     PublishResult,
+    RollbackResult,
     StalePlanError,
+    StoreCorruptError,
     StoreError,
     StoreLockedError,
     StoreSnapshot,
@@ -28,7 +31,9 @@ from embedding_assets.store.base import (
     VersionInfo,
     check_publish_vectors,
     current_prune_message,
+    keep_generations_from_env,
     mismatch_message,
+    nothing_to_roll_back_message,
     editable_row,
     template_row,
     unpublished_message,
@@ -87,6 +92,24 @@ class StoreSession(Protocol):
 
     def after_rows(self, key: str, dimension: int) -> None: ...
 
+    def kept_generations(self, key: str | None = None) -> dict[str, list[int]]:
+        """The restorable generations of one version (or of every version), newest first."""
+        ...
+
+    def keep_generation(self, key: str) -> None:
+        """Copy the version's published row, templates, vectors and views into the history, at its generation."""
+        ...
+
+    def kept_version_row(self, key: str, generation: int) -> tuple:
+        """The version's row (VERSION_FIELDS order) as it was published at a kept generation."""
+        ...
+
+    def restore_generation(self, key: str, generation: int, new_generation: int, published_at: str) -> None:
+        """Replace the version's row, templates and views with a kept generation's (the templates are deleted)."""
+        ...
+
+    def forget_generations(self, key: str, generations: Sequence[int]) -> None: ...
+
 
 class StoreVectorCache:
     """Content-addressed vectors of one model version's exact settings."""
@@ -116,6 +139,8 @@ class PublishingStore:
 
     location: str
     read_only: bool = False
+    keep_generations: int | None = None
+    """Earlier generations kept restorable per version; None reads EMBEDDING_ASSETS_KEEP_GENERATIONS."""
 
     def _read(self) -> AbstractContextManager[StoreSession]:
         raise NotImplementedError
@@ -138,6 +163,16 @@ class PublishingStore:
         generation = int(session.meta("generation") or 0) + 1
         session.write_meta("generation", str(generation))
         return generation
+
+    def _kept(self) -> int:
+        return keep_generations_from_env() if self.keep_generations is None else self.keep_generations
+
+    def _retain(self, session: StoreSession, key: str, keep: int) -> list[int]:
+        """Forget the version's kept generations beyond the newest `keep`; the ones still kept."""
+        kept = session.kept_generations(key).get(key, [])
+        if kept[keep:]:
+            session.forget_generations(key, kept[keep:])
+        return kept[:keep]
 
     def generation(self) -> int:
         with self._read() as session:
@@ -188,6 +223,10 @@ class PublishingStore:
                 return PublishResult(
                     key, stored.generation, stored.rows, False, stored.is_current, time.perf_counter() - started
                 )
+            keep = self._kept()
+            if stored and keep:
+                session.keep_generation(key)
+            self._retain(session, key, keep)
             generation = self._bump_generation(session)
             session.upsert_version(version, generation, now())
             session.before_rows(key, version.dimension)
@@ -267,6 +306,52 @@ class PublishingStore:
                 session.write_meta("current_version", key)
                 self._bump_generation(session)
             return self._version(session, key)
+
+    def restorable(self) -> dict[str, list[int]]:
+        """Every version's earlier generations that `rollback` can restore, newest first."""
+        with self._read() as session:
+            kept = session.kept_generations()
+            return {v.key: kept.get(v.key, []) for v in self._versions(session)}
+
+    def rollback(self, key: str) -> RollbackResult:
+        """Publish the version's newest kept generation again, in one transaction, as a new generation.
+
+        The generation it replaces is not kept, so each rollback goes one generation further back;
+        NothingToRollBackError when no earlier generation is kept (the store is unchanged).
+        """
+        started = time.perf_counter()
+        with self._write() as session:
+            current = self._version(session, key)
+            if current is None:
+                raise self._unpublished(session, key)
+            kept = self._retain(session, key, self._kept())
+            if not kept:
+                raise NothingToRollBackError(
+                    f"{self.location}: {nothing_to_roll_back_message(key, current.generation, self._kept())}"
+                )
+            restored = kept[0]
+            past = version_info(session.kept_version_row(key, restored), None)
+            generation = self._bump_generation(session)
+            session.before_rows(key, past.dimension)
+            session.restore_generation(key, restored, generation, now())
+            rows = session.count(key)
+            if rows != past.rows:
+                raise StoreCorruptError(
+                    f"{self.location}: kept generation {restored} of {key!r} holds {rows} templates, "
+                    f"its record says {past.rows}; nothing was changed"
+                )
+            session.forget_generations(key, [restored])
+            session.after_rows(key, past.dimension)
+        return RollbackResult(
+            model_version=key,
+            generation=generation,
+            restored_generation=restored,
+            replaced_generation=current.generation,
+            rows=rows,
+            restorable=kept[1:],
+            is_current=current.is_current,
+            seconds=time.perf_counter() - started,
+        )
 
     def prune(self, key: str) -> int:
         """Delete a non-current version, its templates, cached vectors and index; the rows removed."""
