@@ -27,11 +27,13 @@ from embedding_assets.store.base import NothingToRollBackError
 from embedding_assets.store.urls import connection_settings
 from embedding_assets_tests.conftest import SAMPLE_FAQ, make_template, read_rows, write_rows
 from embedding_assets_tests.openai_servers import FaultServer
+from embedding_assets_tests.test_store_contract import V4, vector_for
+from embedding_assets_tests.test_store_contract import publish as contract_publish
 
 CLI = str(Path(sys.executable).parent / "embedding-assets")
 DIMENSION = 8
 QA = "{subcategory}: {question}\n{answer}"
-KEPT_TABLES = ("kept_versions", "kept_templates", "kept_template_views")
+KEPT_TABLES = ("kept_versions", "kept_changes", "kept_templates", "kept_template_views")
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +110,11 @@ def test_rollback_restores_the_previous_rows_and_vectors_as_a_new_generation(ser
         with open_store(store_url) as store:
             second = publish(store, version, edited_templates())
             assert store.restorable()[version.key] == [first]
+        # Only what the publish replaced is kept: T-2, T-3 and T-6 as they were, and T-7's id (it had no row).
+        views = 3 if version.views else 0
+        assert kept_rows(store_url) == {
+            "kept_versions": 1, "kept_changes": 4, "kept_templates": 3, "kept_template_views": views,
+        }
         assert retriever.reload_if_changed()
         assert hits(retriever, "Ответ номер 2") != answers_before
 
@@ -179,29 +186,55 @@ def test_retention_keeps_exactly_the_newest_generations_and_leaves_the_cache(
     server, store_url: str, monkeypatch
 ) -> None:
     _, viewed = versions(server)
+
+    def generation(n: int) -> list:
+        return [make_template(1, answer=f"Ответ поколения {n}."), make_template(2)]
+
     with open_store(store_url) as store:
-        for size in range(1, 6):  # generation g holds templates 1..g
-            publish(store, viewed, [make_template(n) for n in range(1, size + 1)])
+        snapshots = {}
+        for n in range(1, 6):
+            assert publish(store, viewed, generation(n)) == n
+            snapshots[n] = store.snapshot()
         assert store.restorable() == {"viewed": [4, 3]}  # the default keeps two earlier generations
-        assert kept_rows(store_url) == {"kept_versions": 2, "kept_templates": 4 + 3, "kept_template_views": 4 + 3}
-        cached = store.cache(viewed).get([h for i in hash_version_templates(
-            [make_template(n) for n in range(1, 6)], viewed) for h in i.vector_hashes()])
-        assert len(cached) == 10  # two views of five templates, none deleted by retention
+        assert kept_rows(store_url) == dict.fromkeys(KEPT_TABLES, 2)  # T-1 as generations 4 and 3 had it
+        texts = [h for n in range(1, 6) for i in hash_version_templates(generation(n), viewed) for h in i.vector_hashes()]
+        # T-1's five answers (view qa), its question, and T-2's two views: retention deletes no cache entry
+        assert len(store.cache(viewed).get(texts)) == len(set(texts)) == 5 + 1 + 2
 
         monkeypatch.setenv("EMBEDDING_ASSETS_KEEP_GENERATIONS", "1")
-        publish(store, viewed, [make_template(n) for n in range(1, 3)])
+        assert publish(store, viewed, generation(6)) == 6
         assert store.restorable() == {"viewed": [5]}
-        assert kept_rows(store_url) == {"kept_versions": 1, "kept_templates": 5, "kept_template_views": 5}
+        assert kept_rows(store_url) == dict.fromkeys(KEPT_TABLES, 1)
+        monkeypatch.setenv("EMBEDDING_ASSETS_KEEP_GENERATIONS", "3")
+        assert publish(store, viewed, generation(7)) == 7
+        assert store.restorable() == {"viewed": [6, 5]}
+        assert (store.rollback("viewed").restored_generation, store.rollback("viewed").restored_generation) == (6, 5)
+        assert_restored(store.snapshot(), snapshots[5])
 
         monkeypatch.setenv("EMBEDDING_ASSETS_KEEP_GENERATIONS", "0")
-        publish(store, viewed, [make_template(1)])
+        publish(store, viewed, generation(8))
         assert store.restorable() == {"viewed": []}
         assert kept_rows(store_url) == dict.fromkeys(KEPT_TABLES, 0)
 
         monkeypatch.setenv("EMBEDDING_ASSETS_KEEP_GENERATIONS", "two")
         with pytest.raises(StoreError) as bad:
-            publish(store, viewed, [make_template(2)])
-        assert str(bad.value) == "EMBEDDING_ASSETS_KEEP_GENERATIONS must be a whole number of generations (0 or more), got 'two'"
+            publish(store, viewed, generation(9))
+        assert str(bad.value) == (
+            "EMBEDDING_ASSETS_KEEP_GENERATIONS must be a whole number of generations (0 or more), got 'two'"
+        )
+
+
+def test_a_forced_rebuild_rolls_back_to_the_exact_vectors_it_replaced(store_url: str) -> None:
+    """A rebuild re-embeds the same texts (same content hashes) to new vectors; rollback brings the old bytes back."""
+    templates = [make_template(n) for n in range(1, 5)]
+    with open_store(store_url) as store:
+        contract_publish(store, V4, templates, {t.template_id: vector_for(n) for n, t in enumerate(templates)})
+        before = store.snapshot()
+        rebuilt = {t.template_id: vector_for(n, salt=1) for n, t in enumerate(templates)}
+        contract_publish(store, V4, templates[:3], rebuilt, rebuild=True)
+        assert kept_rows(store_url)["kept_templates"] == 4 and len(store.snapshot()) == 3
+        store.rollback(V4.key)
+        assert_restored(store.snapshot(), before)
 
 
 def store_fingerprint(store_url: str) -> str:

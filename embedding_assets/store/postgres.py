@@ -115,7 +115,8 @@ _UPGRADE_FROM_1 = (
     "ALTER TABLE {schema}.model_versions ADD COLUMN IF NOT EXISTS ranking jsonb NOT NULL DEFAULT '{{}}';"
     + _VIEWS_TABLE
 )
-# Earlier generations of each version, restorable by a rollback: its row, templates, vectors and views as published.
+# What each publish replaced, so that a rollback can put it back: the version's row as it was, the ids the
+# publish touched, and the rows (with vectors and views) those ids had; ids it added have no kept row.
 _KEPT_TABLES = """
 CREATE TABLE IF NOT EXISTS {schema}.kept_versions (
     model_version text NOT NULL,
@@ -132,14 +133,22 @@ CREATE TABLE IF NOT EXISTS {schema}.kept_versions (
     ranking jsonb NOT NULL,
     PRIMARY KEY (model_version, generation)
 );
+CREATE TABLE IF NOT EXISTS {schema}.kept_changes (
+    model_version text NOT NULL,
+    generation bigint NOT NULL,
+    template_id text NOT NULL,
+    PRIMARY KEY (model_version, generation, template_id),
+    FOREIGN KEY (model_version, generation) REFERENCES {schema}.kept_versions(model_version, generation)
+        ON DELETE CASCADE
+);
 CREATE TABLE IF NOT EXISTS {schema}.kept_templates (
     model_version text NOT NULL,
     generation bigint NOT NULL,
     {template_columns},
     embedding vector NOT NULL,
     PRIMARY KEY (model_version, generation, template_id),
-    FOREIGN KEY (model_version, generation) REFERENCES {schema}.kept_versions(model_version, generation)
-        ON DELETE CASCADE
+    FOREIGN KEY (model_version, generation, template_id)
+        REFERENCES {schema}.kept_changes(model_version, generation, template_id) ON DELETE CASCADE
 );
 CREATE TABLE IF NOT EXISTS {schema}.kept_template_views (
     model_version text NOT NULL,
@@ -408,26 +417,29 @@ class PostgresSession:
             kept.setdefault(version, []).append(int(generation))
         return kept
 
-    def keep_generation(self, key: str) -> None:
-        template_columns = sql.SQL(", ").join(sql.Identifier("t", name) for name in TEMPLATE_FIELDS)
+    def keep_generation(self, key: str, generation: int, touched: Sequence[str]) -> None:
         self._run(
-            "INSERT INTO {schema}.kept_versions SELECT {fields} FROM {schema}.model_versions WHERE key = %s "
-            "ON CONFLICT DO NOTHING",
+            "INSERT INTO {schema}.kept_versions SELECT {fields} FROM {schema}.model_versions WHERE key = %s",
             (key,),
             fields=_VERSION_COLUMNS,
         )
         self._run(
-            "INSERT INTO {schema}.kept_templates SELECT t.model_version, v.generation, {template_columns}, "
-            "t.embedding FROM {schema}.templates AS t JOIN {schema}.model_versions AS v ON v.key = t.model_version "
-            "WHERE t.model_version = %s ON CONFLICT DO NOTHING",
-            (key,),
-            template_columns=template_columns,
+            "INSERT INTO {schema}.kept_changes SELECT %s, %s, unnest(%s::text[])", (key, generation, list(touched))
         )
         self._run(
-            "INSERT INTO {schema}.kept_template_views SELECT w.model_version, v.generation, w.template_id, w.view, "
-            "w.embedding FROM {schema}.template_views AS w JOIN {schema}.model_versions AS v "
-            "ON v.key = w.model_version WHERE w.model_version = %s ON CONFLICT DO NOTHING",
-            (key,),
+            "INSERT INTO {schema}.kept_templates SELECT t.model_version, c.generation, {template_columns}, "
+            "t.embedding FROM {schema}.kept_changes AS c JOIN {schema}.templates AS t "
+            "ON t.model_version = c.model_version AND t.template_id = c.template_id "
+            "WHERE c.model_version = %s AND c.generation = %s",
+            (key, generation),
+            template_columns=sql.SQL(", ").join(sql.Identifier("t", name) for name in TEMPLATE_FIELDS),
+        )
+        self._run(
+            "INSERT INTO {schema}.kept_template_views SELECT w.model_version, c.generation, w.template_id, w.view, "
+            "w.embedding FROM {schema}.kept_changes AS c JOIN {schema}.template_views AS w "
+            "ON w.model_version = c.model_version AND w.template_id = c.template_id "
+            "WHERE c.model_version = %s AND c.generation = %s",
+            (key, generation),
         )
 
     def kept_version_row(self, key: str, generation: int) -> tuple:
@@ -439,7 +451,11 @@ class PostgresSession:
         return self.cur.fetchone()
 
     def restore_generation(self, key: str, generation: int, new_generation: int, published_at: str) -> None:
-        self.delete_rows(key)
+        self._run(
+            "DELETE FROM {schema}.templates WHERE model_version = %s AND template_id IN "
+            "(SELECT template_id FROM {schema}.kept_changes WHERE model_version = %s AND generation = %s)",
+            (key, key, generation),
+        )
         self._run(
             "UPDATE {schema}.model_versions AS m SET {fields}, generation = %s, published_at = %s "
             "FROM {schema}.kept_versions AS k WHERE m.key = %s AND k.model_version = m.key AND k.generation = %s",

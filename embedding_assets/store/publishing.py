@@ -96,8 +96,8 @@ class StoreSession(Protocol):
         """The restorable generations of one version (or of every version), newest first."""
         ...
 
-    def keep_generation(self, key: str) -> None:
-        """Copy the version's published row, templates, vectors and views into the history, at its generation."""
+    def keep_generation(self, key: str, generation: int, touched: Sequence[str]) -> None:
+        """Keep the version's row and the published rows (vectors, views) of the touched ids, as of `generation`."""
         ...
 
     def kept_version_row(self, key: str, generation: int) -> tuple:
@@ -105,7 +105,7 @@ class StoreSession(Protocol):
         ...
 
     def restore_generation(self, key: str, generation: int, new_generation: int, published_at: str) -> None:
-        """Replace the version's row, templates and views with a kept generation's (the templates are deleted)."""
+        """Undo the publish that replaced a kept generation: its row back, the touched ids' rows as they were."""
         ...
 
     def forget_generations(self, key: str, generations: Sequence[int]) -> None: ...
@@ -225,7 +225,11 @@ class PublishingStore:
                 )
             keep = self._kept()
             if stored and keep:
-                session.keep_generation(key)
+                touched = {i.template_id for i in (*plan.new, *plan.modified, *plan.metadata_updated)}
+                touched.update(plan.deleted)
+                if plan.rebuild:
+                    touched.update(session.templates(key))
+                session.keep_generation(key, stored.generation, sorted(touched))
             self._retain(session, key, keep)
             generation = self._bump_generation(session)
             session.upsert_version(version, generation, now())

@@ -76,7 +76,8 @@ _UPGRADE_FROM_1 = (
     _VIEWS_TABLE,
 )
 
-# Earlier generations of each version, restorable by a rollback: its row, templates, vectors and views as published.
+# What each publish replaced, so that a rollback can put it back: the version's row as it was, the ids the
+# publish touched, and the rows (with vectors and views) those ids had; ids it added have no kept row.
 _KEPT_TABLES = f"""
 CREATE TABLE IF NOT EXISTS kept_versions (
     model_version TEXT NOT NULL,
@@ -93,13 +94,21 @@ CREATE TABLE IF NOT EXISTS kept_versions (
     ranking TEXT NOT NULL,
     PRIMARY KEY (model_version, generation)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kept_changes (
+    model_version TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    template_id TEXT NOT NULL,
+    PRIMARY KEY (model_version, generation, template_id),
+    FOREIGN KEY (model_version, generation) REFERENCES kept_versions(model_version, generation) ON DELETE CASCADE
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kept_templates (
     model_version TEXT NOT NULL,
     generation INTEGER NOT NULL,
     {column_definitions({"text": "TEXT", "int": "INTEGER"})},
     vector BLOB NOT NULL,
     PRIMARY KEY (model_version, generation, template_id),
-    FOREIGN KEY (model_version, generation) REFERENCES kept_versions(model_version, generation) ON DELETE CASCADE
+    FOREIGN KEY (model_version, generation, template_id)
+        REFERENCES kept_changes(model_version, generation, template_id) ON DELETE CASCADE
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kept_template_views (
     model_version TEXT NOT NULL,
@@ -113,13 +122,19 @@ CREATE TABLE IF NOT EXISTS kept_template_views (
 ) WITHOUT ROWID;
 """
 _UPGRADE_FROM_2 = tuple(statement for statement in _KEPT_TABLES.split(";") if statement.strip())
-_KEEP_STATEMENTS = (
-    f"INSERT OR IGNORE INTO kept_versions SELECT {_VERSION_COLUMNS} FROM model_versions WHERE key = ?",
-    f"INSERT OR IGNORE INTO kept_templates SELECT t.model_version, v.generation, "
-    f"{', '.join(f't.{name}' for name in TEMPLATE_FIELDS)}, t.vector "
-    "FROM templates AS t JOIN model_versions AS v ON v.key = t.model_version WHERE t.model_version = ?",
-    "INSERT OR IGNORE INTO kept_template_views SELECT w.model_version, v.generation, w.template_id, w.view, w.vector "
-    "FROM template_views AS w JOIN model_versions AS v ON v.key = w.model_version WHERE w.model_version = ?",
+_KEEP_VERSION = f"INSERT INTO kept_versions SELECT {_VERSION_COLUMNS} FROM model_versions WHERE key = ?"
+_KEEP_TOUCHED = (
+    f"INSERT INTO kept_templates SELECT t.model_version, c.generation, "
+    f"{', '.join(f't.{name}' for name in TEMPLATE_FIELDS)}, t.vector FROM kept_changes AS c "
+    "JOIN templates AS t ON t.model_version = c.model_version AND t.template_id = c.template_id "
+    "WHERE c.model_version = ? AND c.generation = ?",
+    "INSERT INTO kept_template_views SELECT w.model_version, c.generation, w.template_id, w.view, w.vector "
+    "FROM kept_changes AS c JOIN template_views AS w ON w.model_version = c.model_version "
+    "AND w.template_id = c.template_id WHERE c.model_version = ? AND c.generation = ?",
+)
+_DELETE_TOUCHED = (
+    "DELETE FROM templates WHERE model_version = ? AND template_id IN "
+    "(SELECT template_id FROM kept_changes WHERE model_version = ? AND generation = ?)"
 )
 _RESTORE_VERSION = (
     "UPDATE model_versions SET "
@@ -364,15 +379,17 @@ class SqliteSession:
             kept.setdefault(version, []).append(generation)
         return kept
 
-    def keep_generation(self, key: str) -> None:
-        for statement in _KEEP_STATEMENTS:
-            self.conn.execute(statement, (key,))
+    def keep_generation(self, key: str, generation: int, touched: Sequence[str]) -> None:
+        self.conn.execute(_KEEP_VERSION, (key,))
+        self.conn.executemany("INSERT INTO kept_changes VALUES (?, ?, ?)", [(key, generation, t) for t in touched])
+        for statement in _KEEP_TOUCHED:
+            self.conn.execute(statement, (key, generation))
 
     def kept_version_row(self, key: str, generation: int) -> tuple:
         return self.conn.execute(_SELECT_KEPT_VERSION, (key, generation)).fetchone()
 
     def restore_generation(self, key: str, generation: int, new_generation: int, published_at: str) -> None:
-        self.delete_rows(key)
+        self.conn.execute(_DELETE_TOUCHED, (key, key, generation))
         self.conn.execute(_RESTORE_VERSION, (new_generation, published_at, key, generation))
         self.conn.execute(_RESTORE_TEMPLATES, (key, generation))
         self.conn.execute(_RESTORE_VIEWS, (key, generation))
