@@ -16,9 +16,14 @@ import numpy as np
 import pytest
 
 from embedding_assets.definitions import defs
+from embedding_assets.defs.io_managers import verify_published
+from embedding_assets.defs.jobs import build_embed_faq_job
+from embedding_assets.defs.resources import FaqWorkbook, StoreResource
+from embedding_assets.defs.schedules import build_store_verification
+from embedding_assets.lib.faq import parse_faq
 from embedding_assets.lib.embedders import embed_with_cache, embedder_for
 from embedding_assets.lib.hashing import hash_version_templates
-from embedding_assets.lib.model_versions import ModelVersion, View
+from embedding_assets.lib.model_versions import ModelVersion, ModelVersionCatalog, View
 from embedding_assets.lib.plan import build_change_plan
 from embedding_assets.lib.version_table import template_vectors
 from embedding_assets.retrieval import TemplateRetriever
@@ -266,8 +271,8 @@ def test_rollback_of_a_version_with_one_generation_refuses_and_changes_nothing(s
         with pytest.raises(NothingToRollBackError) as refused:
             store.rollback("single")
         assert str(refused.value) == (
-            f"{store.location}: model version 'single' has no earlier generation to roll back to: generation 1 is "
-            "the only one in the store (EMBEDDING_ASSETS_KEEP_GENERATIONS=2); nothing was changed"
+            f"{store.location}: model version 'single' has no earlier generation to roll back to: none before "
+            "generation 1 is kept (EMBEDDING_ASSETS_KEEP_GENERATIONS=2); nothing was changed"
         )
         with pytest.raises(StoreError) as unknown:
             store.rollback("nope")
@@ -417,9 +422,9 @@ def test_versions_rollback_after_a_real_materialize(project) -> None:
 
     refused = cli(project, "versions", "rollback", "fake-v1")
     assert refused.returncode == 1 and refused.stdout == ""
-    assert refused.stderr.strip().endswith(
-        "model version 'fake-v1' has no earlier generation to roll back to: generation 3 is the only one in the "
-        "store (EMBEDDING_ASSETS_KEEP_GENERATIONS=2); nothing was changed"
+    assert refused.stderr.strip() == (
+        f"Error: {cwd / 'store.db'}: model version 'fake-v1' has no earlier generation to roll back to: none before "
+        "generation 3 is kept (EMBEDDING_ASSETS_KEEP_GENERATIONS=2); nothing was changed"
     )
     as_json = cli(project, "versions", "rollback", "fake-v1", "--json")
     assert as_json.returncode == 1 and json.loads(as_json.stdout)["rolled_back"] is False
@@ -438,3 +443,39 @@ def test_versions_rollback_waits_for_the_writer_lock_like_a_publish(server, tmp_
         assert busy.returncode == 1
         assert "model version 'single' is being written by another run" in busy.stderr
         assert store.restorable() == {"single": [1]} and store.generation() == 2
+
+
+def test_the_nightly_verification_leaves_a_rollback_as_it_is_until_the_next_publish(server, tmp_path: Path) -> None:
+    single, _ = versions(server)
+    settings = ", ".join(f"{name} = {json.dumps(value)}" for name, value in single.settings.items())
+    catalog_path = tmp_path / "model_versions.toml"
+    catalog_path.write_text(
+        f'[[model_version]]\nkey = "single"\nprovider = "openai"\nmodel = "fake"\ndimension = {DIMENSION}\n'
+        f"text_template = {json.dumps(QA)}\nsettings = {{ {settings} }}\n",
+        encoding="utf-8",
+    )
+    catalog = ModelVersionCatalog.load(str(catalog_path))
+    verification = build_store_verification(build_embed_faq_job(catalog), catalog, "0 3 * * *", "UTC")
+    rows = read_rows(SAMPLE_FAQ)
+    faq = write_rows(tmp_path / "faq.xlsx", rows)
+    store_path = tmp_path / "store.db"
+    context = dg.build_schedule_context(
+        resources={"faq": FaqWorkbook(path=str(faq)), "store": StoreResource(url=str(store_path))}
+    )
+    with open_store(store_path) as store:
+        publish(store, single, parse_faq(faq))
+        rows[1][rows[0].index("Шаблонный ответ")] = "Карту можно заказать только в отделении банка."
+        write_rows(faq, rows)  # the FAQ edit, then its run
+        publish(store, single, parse_faq(faq))
+        assert verification(context).skip_message == "store verified: single: 90 rows match the FAQ"
+
+        store.rollback("single")
+        assert store.rolled_back("single") == 3
+        assert not verify_published(store, single, parse_faq(faq)).healthy  # unlike the FAQ, on purpose
+        assert verification(context).skip_message == (
+            "store verified: single: generation 3 is a rollback, left as it is until the next publish"
+        )
+
+        publish(store, single, parse_faq(faq))  # the next run (say, after the FAQ is fixed) publishes the FAQ again
+        assert store.rolled_back("single") is None
+        assert verification(context).skip_message == "store verified: single: 90 rows match the FAQ"

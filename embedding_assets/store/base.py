@@ -209,10 +209,15 @@ def keep_generations_from_env() -> int:
     return int(raw)
 
 
+def rollback_marker(key: str) -> str:
+    """The store_meta key that records the generation a rollback of `key` published."""
+    return f"rolled_back.{key}"
+
+
 def nothing_to_roll_back_message(key: str, generation: int, keep: int) -> str:
     return (
-        f"model version {key!r} has no earlier generation to roll back to: generation {generation} is the "
-        f"only one in the store ({KEEP_GENERATIONS_ENV}={keep}); nothing was changed"
+        f"model version {key!r} has no earlier generation to roll back to: none before generation {generation} "
+        f"is kept ({KEEP_GENERATIONS_ENV}={keep}); nothing was changed"
     )
 
 
@@ -364,6 +369,8 @@ class EmbeddingStore(Protocol):
     def restorable(self) -> dict[str, list[int]]: ...
 
     def rollback(self, key: str) -> RollbackResult: ...
+
+    def rolled_back(self, key: str) -> int | None: ...
 
     def snapshot(self, key: str | None = None) -> StoreSnapshot: ...
 

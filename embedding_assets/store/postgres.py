@@ -162,6 +162,7 @@ CREATE TABLE IF NOT EXISTS {schema}.kept_template_views (
 );
 """
 _SET_SCHEMA_VERSION = "UPDATE {schema}.store_meta SET value = {schema_version} WHERE key = 'schema_version';"
+_TEMPLATE_COLUMN_TYPES = sql.SQL(column_definitions({"text": "text", "int": "integer"}))
 _VERSION_COLUMNS = sql.SQL(", ").join(map(sql.Identifier, VERSION_FIELDS))
 _KEPT_VERSION_COLUMNS = sql.SQL(", ").join(map(sql.Identifier, ("model_version", *VERSION_FIELDS[1:])))
 _RESTORED_VERSION_FIELDS = sql.SQL(", ").join(
@@ -590,9 +591,11 @@ class PostgresStore(PublishingStore):
                             schema=sql.Identifier(self.schema),
                             schema_version=sql.Literal(str(SCHEMA_VERSION)),
                             store_id=sql.Literal(new_store_id()),
-                            template_columns=sql.SQL(column_definitions({"text": "text", "int": "integer"})),
+                            template_columns=_TEMPLATE_COLUMN_TYPES,
                             views_table=sql.SQL(_VIEWS_TABLE).format(schema=sql.Identifier(self.schema)),
-                            kept_tables=self._kept_tables(),
+                            kept_tables=sql.SQL(_KEPT_TABLES).format(
+                                schema=sql.Identifier(self.schema), template_columns=_TEMPLATE_COLUMN_TYPES
+                            ),
                         )
                     )
             cur.execute(self._sql("SELECT value FROM {schema}.store_meta WHERE key = 'schema_version'"))
@@ -614,17 +617,13 @@ class PostgresStore(PublishingStore):
                 cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_SCHEMA_LOCK,))
                 if version < 2:
                     cur.execute(sql.SQL(_UPGRADE_FROM_1).format(schema=schema))
-                cur.execute(self._kept_tables())
+                cur.execute(sql.SQL(_KEPT_TABLES).format(schema=schema, template_columns=_TEMPLATE_COLUMN_TYPES))
                 cur.execute(
                     sql.SQL(_SET_SCHEMA_VERSION).format(schema=schema, schema_version=sql.Literal(str(SCHEMA_VERSION)))
                 )
             self._schema_version = SCHEMA_VERSION
 
-    def _kept_tables(self) -> sql.Composed:
-        return sql.SQL(_KEPT_TABLES).format(
-            schema=sql.Identifier(self.schema),
-            template_columns=sql.SQL(column_definitions({"text": "text", "int": "integer"})),
-        )
+
 
     def _has_store_tables(self, cur) -> bool:
         cur.execute(

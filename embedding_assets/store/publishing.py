@@ -34,6 +34,7 @@ from embedding_assets.store.base import (
     keep_generations_from_env,
     mismatch_message,
     nothing_to_roll_back_message,
+    rollback_marker,
     editable_row,
     template_row,
     unpublished_message,
@@ -345,6 +346,7 @@ class PublishingStore:
                     f"its record says {past.rows}; nothing was changed"
                 )
             session.forget_generations(key, [restored])
+            session.write_meta(rollback_marker(key), str(generation))
             session.after_rows(key, past.dimension)
         return RollbackResult(
             model_version=key,
@@ -356,6 +358,13 @@ class PublishingStore:
             is_current=current.is_current,
             seconds=time.perf_counter() - started,
         )
+
+    def rolled_back(self, key: str) -> int | None:
+        """The version's generation when a rollback published it and nothing was published since, else None."""
+        with self._read() as session:
+            info = self._version(session, key)
+            marker = session.meta(rollback_marker(key))
+        return info.generation if info is not None and marker == str(info.generation) else None
 
     def prune(self, key: str) -> int:
         """Delete a non-current version, its templates, cached vectors and index; the rows removed."""
