@@ -27,8 +27,7 @@ from embedding_assets.lib.model_versions import ModelVersion, ModelVersionCatalo
 from embedding_assets.lib.plan import build_change_plan
 from embedding_assets.lib.version_table import template_vectors
 from embedding_assets.retrieval import TemplateRetriever
-from embedding_assets.store import StoreError, StoreSnapshot, open_store
-from embedding_assets.store.base import NothingToRollBackError
+from embedding_assets.store import NothingToRollBackError, StoreError, StoreSnapshot, open_store
 from embedding_assets.store.urls import connection_settings
 from embedding_assets_tests.conftest import SAMPLE_FAQ, make_template, read_rows, write_rows
 from embedding_assets_tests.openai_servers import FaultServer
@@ -287,10 +286,16 @@ def test_pruning_a_version_deletes_its_kept_generations(server, tmp_path: Path) 
         publish(store, single, first_templates())
         publish(store, viewed, first_templates())
         publish(store, viewed, edited_templates())
+        publish(store, viewed, first_templates())
+        store.rollback("viewed")
         assert store.restorable() == {"single": [], "viewed": [2]}
         store.prune("viewed")
         assert store.restorable() == {"single": []}
     assert kept_rows(url) == dict.fromkeys(KEPT_TABLES, 0)
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+        assert conn.execute("SELECT key FROM store_meta ORDER BY key").fetchall() == [
+            ("current_version",), ("generation",), ("schema_version",), ("store_id",)
+        ]
 
 
 def downgrade_to_schema_2(store_url: str) -> None:

@@ -258,6 +258,9 @@ class PostgresSession:
             (key, value),
         )
 
+    def delete_meta(self, key: str) -> None:
+        self._run("DELETE FROM {schema}.store_meta WHERE key = %s", (key,))
+
     def version_rows(self, key: str | None = None) -> list[tuple]:
         columns = sql.SQL(", ").join(
             sql.SQL("'{}'::jsonb AS ranking") if name == "ranking" and self.schema_version < 2 else sql.Identifier(name)

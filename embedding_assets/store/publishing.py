@@ -1,4 +1,4 @@
-"""The store contract written once: publish, promote, prune and reads over a few backend primitives.
+"""The store contract written once: publish, promote, roll back, prune and reads over a few backend primitives.
 
 A backend supplies a `StoreSession` (its SQL dialect, inside one transaction) and the transactions
 themselves: `_read()` is one consistent snapshot, `_write()` holds the store's write lock, so
@@ -54,6 +54,8 @@ class StoreSession(Protocol):
     def meta(self, key: str) -> str | None: ...
 
     def write_meta(self, key: str, value: str) -> None: ...
+
+    def delete_meta(self, key: str) -> None: ...
 
     def version_rows(self, key: str | None = None) -> list[tuple]: ...
 
@@ -209,6 +211,7 @@ class PublishingStore:
 
         A plan made before another run published this version is rebased onto what is published now
         when that run changed no template differently; otherwise it is stale (StalePlanError).
+        What the publish replaces is kept for `rollback` (see `keep_generations`).
         """
         started = time.perf_counter()
         check_publish_vectors(version, plan, vectors)
@@ -375,6 +378,7 @@ class PublishingStore:
                 raise StoreError(current_prune_message(key))
             rows = session.delete_rows(key)
             session.delete_version(key)
+            session.delete_meta(rollback_marker(key))
             self._bump_generation(session)
         return rows
 

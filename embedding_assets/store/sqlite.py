@@ -264,6 +264,9 @@ class SqliteSession:
             "INSERT INTO store_meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value)
         )
 
+    def delete_meta(self, key: str) -> None:
+        self.conn.execute("DELETE FROM store_meta WHERE key = ?", (key,))
+
     def version_rows(self, key: str | None = None) -> list[tuple]:
         every, one = _SELECT_VERSIONS if self.schema_version >= 2 else _SELECT_SCHEMA_1_VERSIONS
         if key is None:
