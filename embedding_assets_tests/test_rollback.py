@@ -27,7 +27,7 @@ from embedding_assets.lib.model_versions import ModelVersion, ModelVersionCatalo
 from embedding_assets.lib.plan import build_change_plan
 from embedding_assets.lib.version_table import template_vectors
 from embedding_assets.retrieval import TemplateRetriever
-from embedding_assets.store import NothingToRollBackError, StoreError, StoreSnapshot, open_store
+from embedding_assets.store import NothingToRollBackError, StalePlanError, StoreError, StoreSnapshot, open_store
 from embedding_assets.store.urls import connection_settings
 from embedding_assets_tests.conftest import SAMPLE_FAQ, make_template, read_rows, write_rows
 from embedding_assets_tests.openai_servers import FaultServer
@@ -484,3 +484,27 @@ def test_the_nightly_verification_leaves_a_rollback_as_it_is_until_the_next_publ
         publish(store, single, parse_faq(faq))  # the next run (say, after the FAQ is fixed) publishes the FAQ again
         assert store.rolled_back("single") is None
         assert verification(context).skip_message == "store verified: single: 90 rows match the FAQ"
+
+
+def test_a_run_planned_before_a_rollback_does_not_overwrite_it(server, tmp_path: Path) -> None:
+    single, _ = versions(server)
+    with open_store(tmp_path / "store.db") as store:
+        publish(store, single, first_templates())
+        publish(store, single, edited_templates())
+        stored, published = store.published("single")
+        later = [*edited_templates()[:3], make_template(4, answer="Новый ответ."), *edited_templates()[4:]]
+        plan = build_change_plan(
+            hash_version_templates(later, single), published, model_version="single",
+            base_generation=stored.generation,
+        )
+        run = embed_with_cache(
+            plan.texts_to_embed(), version=single, embedder=embedder_for(single, api_key=""), cache=store.cache(single)
+        )
+        vectors = {i.content_hash: template_vectors(i, run.vectors) for i in (*plan.new, *plan.modified)}
+        store.rollback("single")
+        restored = store.snapshot()
+        with pytest.raises(StalePlanError) as stale:
+            store.publish(single, plan, vectors)
+        assert "another run published generation 3 after this change plan was made (generation 2)" in str(stale.value)
+        assert_restored(store.snapshot(), restored)
+        assert store.snapshot().store_generation == 3
