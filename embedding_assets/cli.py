@@ -280,11 +280,11 @@ def status(as_json: bool) -> None:
 
 @main.group()
 def versions() -> None:
-    """List, promote and prune the model versions published in the store."""
+    """List, promote, roll back and prune the model versions published in the store."""
 
 
 VERSION_COLUMNS = ("model_version", "provider", "model", "dimension", "rows", "created_at", "published_at",
-                   "generation", "current")
+                   "generation", "restorable", "current")
 
 
 @versions.command("list")
@@ -293,7 +293,8 @@ VERSION_COLUMNS = ("model_version", "provider", "model", "dimension", "rows", "c
 def versions_list(as_json: bool) -> None:
     """Every published version; the current one is marked with *."""
     with _existing_store() as store:
-        rows = [v.as_dict() for v in store.versions()]
+        restorable = store.restorable()
+        rows = [{**v.as_dict(), "restorable": len(restorable.get(v.key, []))} for v in store.versions()]
     table = [VERSION_COLUMNS] + [
         tuple("*" if name == "current" and row[name] else "" if name == "current" else str(row[name])
               for name in VERSION_COLUMNS)
@@ -316,6 +317,32 @@ def versions_promote(key: str) -> None:
         click.echo(f"{key} is already the current version ({info.rows} rows)")
     else:
         click.echo(f"{key} is now the current version ({info.rows} rows); it was {previous or 'none'}")
+
+
+@versions.command("rollback")
+@click.argument("key")
+@click.option("--lock-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to wait for a run that is writing this version.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@store_option
+def versions_rollback(key: str, lock_timeout: float, as_json: bool) -> None:
+    """Publish KEY's previous generation again: its exact rows and vectors, as a new generation (one transaction)."""
+    try:
+        with _existing_store(write=True) as store, store.writer_lock(key, timeout=lock_timeout):
+            result = store.rollback(key)
+    except (StoreError, click.ClickException) as exc:
+        message = exc.message if isinstance(exc, click.ClickException) else str(exc)
+        if as_json:
+            _emit({"model_version": key, "rolled_back": False, "error": message}, True, "")
+        raise click.ClickException(message) from exc
+    further = ", ".join(map(str, result.restorable)) or "none"
+    _emit(
+        {**result.as_dict(), "rolled_back": True},
+        as_json,
+        f"{key}: restored generation {result.restored_generation} as generation {result.generation} "
+        f"({result.rows} rows), replacing generation {result.replaced_generation}; "
+        f"earlier generations still restorable: {further}",
+    )
 
 
 @versions.command("prune")

@@ -5,6 +5,7 @@ from embedding_assets.defs.checks import build_store_checks, faq_content
 from embedding_assets.defs.jobs import build_embed_faq_job
 from embedding_assets.defs.partitions import model_version_partitions
 from embedding_assets.defs.resources import build_resources
+from embedding_assets.defs.rollback import rollback_model_version_job
 from embedding_assets.defs.schedules import build_store_verification
 from embedding_assets.defs.sensors import build_faq_sensor
 from embedding_assets.defs.versions import promote_model_version_job
@@ -21,7 +22,7 @@ def build_definitions(config: Settings) -> dg.Definitions:
     return dg.Definitions(
         assets=build_assets(partitions, store_backend(config.store_url)),
         asset_checks=[faq_content, *build_store_checks()],
-        jobs=[job, promote_model_version_job],
+        jobs=[job, promote_model_version_job, rollback_model_version_job],
         sensors=[build_faq_sensor(job, catalog, config.sensor_interval_seconds)],
         schedules=[build_store_verification(job, catalog, config.verify_cron, config.verify_timezone)],
         resources=build_resources(config),

@@ -60,7 +60,7 @@ def test_every_run_the_ui_sensor_or_schedule_launches_executes_in_one_process():
     definitions = defs()
     assert definitions.executor is dg.in_process_executor
     assert definitions.resolve_implicit_global_asset_job_def().executor_def is dg.in_process_executor
-    for name in (EMBED_FAQ_JOB, "promote_model_version"):
+    for name in (EMBED_FAQ_JOB, "promote_model_version", "rollback_model_version"):
         assert definitions.resolve_job_def(name).executor_def is dg.in_process_executor
 
 

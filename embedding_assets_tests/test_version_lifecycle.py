@@ -293,7 +293,7 @@ def test_versions_commands_list_promote_and_prune(store, tmp_path: Path) -> None
     assert set(listed[0]) >= {"provider", "model", "created_at", "published_at"}
     table = _cli(tmp_path, env, "versions", "list").stdout.splitlines()
     assert table[0].split() == ["model_version", "provider", "model", "dimension", "rows", "created_at",
-                                "published_at", "generation", "current"]
+                                "published_at", "generation", "restorable", "current"]
     assert table[1].split()[0] == "mini-v1" and table[1].split()[-1] == "*"
 
     refused = _cli(tmp_path, env, "versions", "prune", "mini-v1")

@@ -187,7 +187,7 @@ def test_a_schema_1_store_keeps_serving_and_its_first_writer_upgrades_it_without
     assert np.array_equal(after.matrix, before.matrix) and after.columns == before.columns
     assert after.version.fingerprint == before.version.fingerprint == single.fingerprint()
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM store_meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    assert conn.execute("SELECT value FROM store_meta WHERE key = 'schema_version'").fetchone() == ("3",)
     assert conn.execute("SELECT count(*) FROM template_views").fetchone() == (0,)
 
 
@@ -243,6 +243,6 @@ def test_a_schema_1_postgres_store_keeps_serving_and_is_upgraded_in_place(
         assert np.array_equal(store.snapshot("single").matrix, before.matrix)
     with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute(f"SELECT value FROM \"{schema}\".store_meta WHERE key = 'schema_version'")
-        assert cur.fetchone() == ("2",)
+        assert cur.fetchone() == ("3",)
         cur.execute(f'SELECT count(*) FROM "{schema}".template_views')
         assert cur.fetchone() == (0,)

@@ -21,6 +21,8 @@ from embedding_assets.lib.plan import EDITABLE_FIELDS, ChangePlan, StoredTemplat
 
 BUSY_TIMEOUT_ENV = "EMBEDDING_ASSETS_BUSY_TIMEOUT"
 DEFAULT_BUSY_TIMEOUT = 30.0
+KEEP_GENERATIONS_ENV = "EMBEDDING_ASSETS_KEEP_GENERATIONS"
+DEFAULT_KEEP_GENERATIONS = 2
 
 
 class StoreError(RuntimeError):
@@ -49,6 +51,10 @@ class StoreReadOnlyError(StoreError):
 
 class StalePlanError(StoreError):
     """The store changed after the change plan was computed, and the plan cannot be rebased."""
+
+
+class NothingToRollBackError(StoreError):
+    """A rollback was asked for a model version that has no earlier generation kept."""
 
 
 class ModelVersionMismatchError(StoreError):
@@ -110,6 +116,34 @@ class PublishResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class RollbackResult:
+    """The outcome of one rollback transaction."""
+
+    model_version: str
+    generation: int
+    """The store generation the restored rows were published as (a new one)."""
+    restored_generation: int
+    """The generation whose rows and vectors were restored."""
+    replaced_generation: int
+    rows: int
+    restorable: list[int]
+    """The version's generations still kept for a further rollback, newest first."""
+    is_current: bool
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {
+            "model_version": self.model_version,
+            "generation": self.generation,
+            "restored_generation": self.restored_generation,
+            "replaced_generation": self.replaced_generation,
+            "rows": self.rows,
+            "restorable": self.restorable,
+            "current": self.is_current,
+        }
+
+
 TEMPLATE_FIELDS = tuple(StoredTemplate.__dataclass_fields__)
 """A published template's columns, in table order; the vector column follows them."""
 INTEGER_FIELDS = frozenset(name for name, f in StoredTemplate.__dataclass_fields__.items() if f.type == "int")
@@ -163,6 +197,28 @@ def busy_timeout_from_env() -> float:
         return float(raw) if raw else DEFAULT_BUSY_TIMEOUT
     except ValueError:
         raise StoreError(f"{BUSY_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+
+
+def keep_generations_from_env() -> int:
+    """Earlier generations kept restorable per version (EMBEDDING_ASSETS_KEEP_GENERATIONS, default 2; 0 keeps none)."""
+    raw = os.environ.get(KEEP_GENERATIONS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_KEEP_GENERATIONS
+    if not raw.isdigit():
+        raise StoreError(f"{KEEP_GENERATIONS_ENV} must be a whole number of generations (0 or more), got {raw!r}")
+    return int(raw)
+
+
+def rollback_marker(key: str) -> str:
+    """The store_meta key that records the generation a rollback of `key` published."""
+    return f"rolled_back.{key}"
+
+
+def nothing_to_roll_back_message(key: str, generation: int, keep: int) -> str:
+    return (
+        f"model version {key!r} has no earlier generation to roll back to: none before generation {generation} "
+        f"is kept ({KEEP_GENERATIONS_ENV}={keep}); nothing was changed"
+    )
 
 
 def new_store_id() -> str:
@@ -309,6 +365,12 @@ class EmbeddingStore(Protocol):
     def promote(self, key: str) -> VersionInfo: ...
 
     def prune(self, key: str) -> int: ...
+
+    def restorable(self) -> dict[str, list[int]]: ...
+
+    def rollback(self, key: str) -> RollbackResult: ...
+
+    def rolled_back(self, key: str) -> int | None: ...
 
     def snapshot(self, key: str | None = None) -> StoreSnapshot: ...
 

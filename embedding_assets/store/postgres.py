@@ -44,8 +44,9 @@ from embedding_assets.store.base import (
 from embedding_assets.store.urls import DEFAULT_SCHEMA, connection_settings, redact_url
 from embedding_assets.store.publishing import PublishingStore, polled_lock
 
-SCHEMA_VERSION = 2
-"""2 added views (template_views) and each version's ranking; a schema-1 store is upgraded by its first writer."""
+SCHEMA_VERSION = 3
+"""2 added views (template_views) and each version's ranking, 3 the kept earlier generations (kept_*);
+an older store is upgraded by its first writer."""
 PAGE_SIZE = 500
 COPY_ROWS = 10_000
 MAX_EF_SEARCH = 1000
@@ -94,6 +95,7 @@ CREATE TABLE IF NOT EXISTS {schema}.embedding_cache (
     PRIMARY KEY (model_version, fingerprint, content_hash)
 );
 {views_table}
+{kept_tables}
 INSERT INTO {schema}.store_meta VALUES ('schema_version', {schema_version}), ('generation', '0'),
     ('store_id', {store_id}) ON CONFLICT (key) DO NOTHING;
 """
@@ -112,7 +114,61 @@ CREATE TABLE IF NOT EXISTS {schema}.template_views (
 _UPGRADE_FROM_1 = (
     "ALTER TABLE {schema}.model_versions ADD COLUMN IF NOT EXISTS ranking jsonb NOT NULL DEFAULT '{{}}';"
     + _VIEWS_TABLE
-    + "UPDATE {schema}.store_meta SET value = {schema_version} WHERE key = 'schema_version';"
+)
+# What each publish replaced, so that a rollback can put it back: the version's row as it was, the ids the
+# publish touched, and the rows (with vectors and views) those ids had; ids it added have no kept row.
+_KEPT_TABLES = """
+CREATE TABLE IF NOT EXISTS {schema}.kept_versions (
+    model_version text NOT NULL,
+    provider text NOT NULL,
+    model text NOT NULL,
+    dimension integer NOT NULL,
+    text_template text NOT NULL,
+    settings jsonb NOT NULL,
+    fingerprint text NOT NULL,
+    rows integer NOT NULL,
+    generation bigint NOT NULL,
+    created_at text NOT NULL,
+    published_at text NOT NULL,
+    ranking jsonb NOT NULL,
+    PRIMARY KEY (model_version, generation)
+);
+CREATE TABLE IF NOT EXISTS {schema}.kept_changes (
+    model_version text NOT NULL,
+    generation bigint NOT NULL,
+    template_id text NOT NULL,
+    PRIMARY KEY (model_version, generation, template_id),
+    FOREIGN KEY (model_version, generation) REFERENCES {schema}.kept_versions(model_version, generation)
+        ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS {schema}.kept_templates (
+    model_version text NOT NULL,
+    generation bigint NOT NULL,
+    {template_columns},
+    embedding vector NOT NULL,
+    PRIMARY KEY (model_version, generation, template_id),
+    FOREIGN KEY (model_version, generation, template_id)
+        REFERENCES {schema}.kept_changes(model_version, generation, template_id) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS {schema}.kept_template_views (
+    model_version text NOT NULL,
+    generation bigint NOT NULL,
+    template_id text NOT NULL,
+    view text NOT NULL,
+    embedding vector NOT NULL,
+    PRIMARY KEY (model_version, generation, template_id, view),
+    FOREIGN KEY (model_version, generation, template_id)
+        REFERENCES {schema}.kept_templates(model_version, generation, template_id) ON DELETE CASCADE
+);
+"""
+_SET_SCHEMA_VERSION = "UPDATE {schema}.store_meta SET value = {schema_version} WHERE key = 'schema_version';"
+_TEMPLATE_COLUMN_TYPES = sql.SQL(column_definitions({"text": "text", "int": "integer"}))
+_VERSION_COLUMNS = sql.SQL(", ").join(map(sql.Identifier, VERSION_FIELDS))
+_KEPT_VERSION_COLUMNS = sql.SQL(", ").join(map(sql.Identifier, ("model_version", *VERSION_FIELDS[1:])))
+_RESTORED_VERSION_FIELDS = sql.SQL(", ").join(
+    sql.SQL("{0} = k.{0}").format(sql.Identifier(name))
+    for name in VERSION_FIELDS[1:]
+    if name not in ("generation", "created_at", "published_at")
 )
 _VIEW_KINDS = ("text", "text", "text", "vector")
 
@@ -201,6 +257,9 @@ class PostgresSession:
             "INSERT INTO {schema}.store_meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
             (key, value),
         )
+
+    def delete_meta(self, key: str) -> None:
+        self._run("DELETE FROM {schema}.store_meta WHERE key = %s", (key,))
 
     def version_rows(self, key: str | None = None) -> list[tuple]:
         columns = sql.SQL(", ").join(
@@ -299,6 +358,7 @@ class PostgresSession:
         return self.cur.rowcount
 
     def delete_version(self, key: str) -> None:
+        self._run("DELETE FROM {schema}.kept_versions WHERE model_version = %s", (key,))
         self._run("DELETE FROM {schema}.embedding_cache WHERE model_version = %s", (key,))
         self._run("DELETE FROM {schema}.model_versions WHERE key = %s", (key,))
         self._store._drop_other_indexes(self.cur, key, 0)
@@ -346,6 +406,85 @@ class PostgresSession:
 
     def after_rows(self, key: str, dimension: int) -> None:
         self._store._create_index(self.cur, key, dimension)
+
+    def kept_generations(self, key: str | None = None) -> dict[str, list[int]]:
+        if self.schema_version < 3:
+            return {}
+        if key is None:
+            self._run("SELECT model_version, generation FROM {schema}.kept_versions "
+                      "ORDER BY model_version, generation DESC")
+        else:
+            self._run("SELECT model_version, generation FROM {schema}.kept_versions WHERE model_version = %s "
+                      "ORDER BY generation DESC", (key,))
+        kept: dict[str, list[int]] = {}
+        for version, generation in self.cur.fetchall():
+            kept.setdefault(version, []).append(int(generation))
+        return kept
+
+    def keep_generation(self, key: str, generation: int, touched: Sequence[str]) -> None:
+        self._run(
+            "INSERT INTO {schema}.kept_versions SELECT {fields} FROM {schema}.model_versions WHERE key = %s",
+            (key,),
+            fields=_VERSION_COLUMNS,
+        )
+        self._run(
+            "INSERT INTO {schema}.kept_changes SELECT %s, %s, unnest(%s::text[])", (key, generation, list(touched))
+        )
+        self._run(
+            "INSERT INTO {schema}.kept_templates SELECT t.model_version, c.generation, {template_columns}, "
+            "t.embedding FROM {schema}.kept_changes AS c JOIN {schema}.templates AS t "
+            "ON t.model_version = c.model_version AND t.template_id = c.template_id "
+            "WHERE c.model_version = %s AND c.generation = %s",
+            (key, generation),
+            template_columns=sql.SQL(", ").join(sql.Identifier("t", name) for name in TEMPLATE_FIELDS),
+        )
+        self._run(
+            "INSERT INTO {schema}.kept_template_views SELECT w.model_version, c.generation, w.template_id, w.view, "
+            "w.embedding FROM {schema}.kept_changes AS c JOIN {schema}.template_views AS w "
+            "ON w.model_version = c.model_version AND w.template_id = c.template_id "
+            "WHERE c.model_version = %s AND c.generation = %s",
+            (key, generation),
+        )
+
+    def kept_version_row(self, key: str, generation: int) -> tuple:
+        self._run(
+            "SELECT {fields} FROM {schema}.kept_versions WHERE model_version = %s AND generation = %s",
+            (key, generation),
+            fields=_KEPT_VERSION_COLUMNS,
+        )
+        return self.cur.fetchone()
+
+    def restore_generation(self, key: str, generation: int, new_generation: int, published_at: str) -> None:
+        self._run(
+            "DELETE FROM {schema}.templates WHERE model_version = %s AND template_id IN "
+            "(SELECT template_id FROM {schema}.kept_changes WHERE model_version = %s AND generation = %s)",
+            (key, key, generation),
+        )
+        self._run(
+            "UPDATE {schema}.model_versions AS m SET {fields}, generation = %s, published_at = %s "
+            "FROM {schema}.kept_versions AS k WHERE m.key = %s AND k.model_version = m.key AND k.generation = %s",
+            (new_generation, published_at, key, generation),
+            fields=_RESTORED_VERSION_FIELDS,
+        )
+        self._run(
+            "INSERT INTO {schema}.templates (model_version, {columns}, embedding) "
+            "SELECT model_version, {columns}, embedding FROM {schema}.kept_templates "
+            "WHERE model_version = %s AND generation = %s",
+            (key, generation),
+        )
+        self._run(
+            "INSERT INTO {schema}.template_views (model_version, template_id, view, embedding) "
+            "SELECT model_version, template_id, view, embedding FROM {schema}.kept_template_views "
+            "WHERE model_version = %s AND generation = %s",
+            (key, generation),
+        )
+
+    def forget_generations(self, key: str, generations: Sequence[int]) -> None:
+        if generations:
+            self._run(
+                "DELETE FROM {schema}.kept_versions WHERE model_version = %s AND generation = ANY(%s)",
+                (key, list(generations)),
+            )
 
 
 class PostgresStore(PublishingStore):
@@ -455,8 +594,11 @@ class PostgresStore(PublishingStore):
                             schema=sql.Identifier(self.schema),
                             schema_version=sql.Literal(str(SCHEMA_VERSION)),
                             store_id=sql.Literal(new_store_id()),
-                            template_columns=sql.SQL(column_definitions({"text": "text", "int": "integer"})),
+                            template_columns=_TEMPLATE_COLUMN_TYPES,
                             views_table=sql.SQL(_VIEWS_TABLE).format(schema=sql.Identifier(self.schema)),
+                            kept_tables=sql.SQL(_KEPT_TABLES).format(
+                                schema=sql.Identifier(self.schema), template_columns=_TEMPLATE_COLUMN_TYPES
+                            ),
                         )
                     )
             cur.execute(self._sql("SELECT value FROM {schema}.store_meta WHERE key = 'schema_version'"))
@@ -467,20 +609,24 @@ class PostgresStore(PublishingStore):
                     (new_store_id(),),
                 )
         version = int(row[0]) if row else 0
-        if version not in (1, SCHEMA_VERSION):
+        if version not in (1, 2, SCHEMA_VERSION):
             raise StoreError(
                 f"{self.location} has store schema {version}; this software reads schema {SCHEMA_VERSION}"
             )
         self._schema_version = version
-        if create and version == 1:
+        if create and version < SCHEMA_VERSION:
+            schema = sql.Identifier(self.schema)
             with self._transaction() as cur:
                 cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_SCHEMA_LOCK,))
+                if version < 2:
+                    cur.execute(sql.SQL(_UPGRADE_FROM_1).format(schema=schema))
+                cur.execute(sql.SQL(_KEPT_TABLES).format(schema=schema, template_columns=_TEMPLATE_COLUMN_TYPES))
                 cur.execute(
-                    sql.SQL(_UPGRADE_FROM_1).format(
-                        schema=sql.Identifier(self.schema), schema_version=sql.Literal(str(SCHEMA_VERSION))
-                    )
+                    sql.SQL(_SET_SCHEMA_VERSION).format(schema=schema, schema_version=sql.Literal(str(SCHEMA_VERSION)))
                 )
             self._schema_version = SCHEMA_VERSION
+
+
 
     def _has_store_tables(self, cur) -> bool:
         cur.execute(

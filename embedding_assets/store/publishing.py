@@ -1,4 +1,4 @@
-"""The store contract written once: publish, promote, prune and reads over a few backend primitives.
+"""The store contract written once: publish, promote, roll back, prune and reads over a few backend primitives.
 
 A backend supplies a `StoreSession` (its SQL dialect, inside one transaction) and the transactions
 themselves: `_read()` is one consistent snapshot, `_write()` holds the store's write lock, so
@@ -19,8 +19,11 @@ from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import ChangePlan, StoredTemplate, build_change_plan
 from embedding_assets.store.base import (
     ModelVersionMismatchError,
+    NothingToRollBackError,
     PublishResult,
+    RollbackResult,
     StalePlanError,
+    StoreCorruptError,
     StoreError,
     StoreLockedError,
     StoreSnapshot,
@@ -28,7 +31,10 @@ from embedding_assets.store.base import (
     VersionInfo,
     check_publish_vectors,
     current_prune_message,
+    keep_generations_from_env,
     mismatch_message,
+    nothing_to_roll_back_message,
+    rollback_marker,
     editable_row,
     template_row,
     unpublished_message,
@@ -48,6 +54,8 @@ class StoreSession(Protocol):
     def meta(self, key: str) -> str | None: ...
 
     def write_meta(self, key: str, value: str) -> None: ...
+
+    def delete_meta(self, key: str) -> None: ...
 
     def version_rows(self, key: str | None = None) -> list[tuple]: ...
 
@@ -87,6 +95,24 @@ class StoreSession(Protocol):
 
     def after_rows(self, key: str, dimension: int) -> None: ...
 
+    def kept_generations(self, key: str | None = None) -> dict[str, list[int]]:
+        """The restorable generations of one version (or of every version), newest first."""
+        ...
+
+    def keep_generation(self, key: str, generation: int, touched: Sequence[str]) -> None:
+        """Keep the version's row and the published rows (vectors, views) of the touched ids, as of `generation`."""
+        ...
+
+    def kept_version_row(self, key: str, generation: int) -> tuple:
+        """The version's row (VERSION_FIELDS order) as it was published at a kept generation."""
+        ...
+
+    def restore_generation(self, key: str, generation: int, new_generation: int, published_at: str) -> None:
+        """Undo the publish that replaced a kept generation: its row back, the touched ids' rows as they were."""
+        ...
+
+    def forget_generations(self, key: str, generations: Sequence[int]) -> None: ...
+
 
 class StoreVectorCache:
     """Content-addressed vectors of one model version's exact settings."""
@@ -116,6 +142,8 @@ class PublishingStore:
 
     location: str
     read_only: bool = False
+    keep_generations: int | None = None
+    """Earlier generations kept restorable per version; None reads EMBEDDING_ASSETS_KEEP_GENERATIONS."""
 
     def _read(self) -> AbstractContextManager[StoreSession]:
         raise NotImplementedError
@@ -138,6 +166,16 @@ class PublishingStore:
         generation = int(session.meta("generation") or 0) + 1
         session.write_meta("generation", str(generation))
         return generation
+
+    def _kept(self) -> int:
+        return keep_generations_from_env() if self.keep_generations is None else self.keep_generations
+
+    def _retain(self, session: StoreSession, key: str, keep: int) -> list[int]:
+        """Forget the version's kept generations beyond the newest `keep`; the ones still kept."""
+        kept = session.kept_generations(key).get(key, [])
+        if kept[keep:]:
+            session.forget_generations(key, kept[keep:])
+        return kept[:keep]
 
     def generation(self) -> int:
         with self._read() as session:
@@ -173,6 +211,7 @@ class PublishingStore:
 
         A plan made before another run published this version is rebased onto what is published now
         when that run changed no template differently; otherwise it is stale (StalePlanError).
+        What the publish replaces is kept for `rollback` (see `keep_generations`).
         """
         started = time.perf_counter()
         check_publish_vectors(version, plan, vectors)
@@ -188,6 +227,14 @@ class PublishingStore:
                 return PublishResult(
                     key, stored.generation, stored.rows, False, stored.is_current, time.perf_counter() - started
                 )
+            keep = self._kept()
+            if stored and keep:
+                touched = {i.template_id for i in (*plan.new, *plan.modified, *plan.metadata_updated)}
+                touched.update(plan.deleted)
+                if plan.rebuild:
+                    touched.update(session.templates(key))
+                session.keep_generation(key, stored.generation, sorted(touched))
+            self._retain(session, key, keep)
             generation = self._bump_generation(session)
             session.upsert_version(version, generation, now())
             session.before_rows(key, version.dimension)
@@ -268,6 +315,60 @@ class PublishingStore:
                 self._bump_generation(session)
             return self._version(session, key)
 
+    def restorable(self) -> dict[str, list[int]]:
+        """Every version's earlier generations that `rollback` can restore, newest first."""
+        with self._read() as session:
+            kept = session.kept_generations()
+            return {v.key: kept.get(v.key, []) for v in self._versions(session)}
+
+    def rollback(self, key: str) -> RollbackResult:
+        """Publish the version's newest kept generation again, in one transaction, as a new generation.
+
+        The generation it replaces is not kept, so each rollback goes one generation further back;
+        NothingToRollBackError when no earlier generation is kept (the store is unchanged).
+        """
+        started = time.perf_counter()
+        with self._write() as session:
+            current = self._version(session, key)
+            if current is None:
+                raise self._unpublished(session, key)
+            kept = self._retain(session, key, self._kept())
+            if not kept:
+                raise NothingToRollBackError(
+                    f"{self.location}: {nothing_to_roll_back_message(key, current.generation, self._kept())}"
+                )
+            restored = kept[0]
+            past = version_info(session.kept_version_row(key, restored), None)
+            generation = self._bump_generation(session)
+            session.before_rows(key, past.dimension)
+            session.restore_generation(key, restored, generation, now())
+            rows = session.count(key)
+            if rows != past.rows:
+                raise StoreCorruptError(
+                    f"{self.location}: kept generation {restored} of {key!r} holds {rows} templates, "
+                    f"its record says {past.rows}; nothing was changed"
+                )
+            session.forget_generations(key, [restored])
+            session.write_meta(rollback_marker(key), str(generation))
+            session.after_rows(key, past.dimension)
+        return RollbackResult(
+            model_version=key,
+            generation=generation,
+            restored_generation=restored,
+            replaced_generation=current.generation,
+            rows=rows,
+            restorable=kept[1:],
+            is_current=current.is_current,
+            seconds=time.perf_counter() - started,
+        )
+
+    def rolled_back(self, key: str) -> int | None:
+        """The version's generation when a rollback published it and nothing was published since, else None."""
+        with self._read() as session:
+            info = self._version(session, key)
+            marker = session.meta(rollback_marker(key))
+        return info.generation if info is not None and marker == str(info.generation) else None
+
     def prune(self, key: str) -> int:
         """Delete a non-current version, its templates, cached vectors and index; the rows removed."""
         with self._write() as session:
@@ -277,6 +378,7 @@ class PublishingStore:
                 raise StoreError(current_prune_message(key))
             rows = session.delete_rows(key)
             session.delete_version(key)
+            session.delete_meta(rollback_marker(key))
             self._bump_generation(session)
         return rows
 

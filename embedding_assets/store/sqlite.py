@@ -32,8 +32,9 @@ from embedding_assets.store.base import (
 )
 from embedding_assets.store.publishing import PublishingStore, polled_lock
 
-SCHEMA_VERSION = 2
-"""2 added views (template_views) and each version's ranking; a schema-1 store is upgraded by its first writer."""
+SCHEMA_VERSION = 3
+"""2 added views (template_views) and each version's ranking, 3 the kept earlier generations (kept_*);
+an older store is upgraded by its first writer."""
 _PARAMS_PER_QUERY = 900
 _TEMPLATE_COLUMNS = ", ".join(TEMPLATE_FIELDS)
 # Statements built from the declared column names only; values always go in as parameters.
@@ -75,6 +76,90 @@ _UPGRADE_FROM_1 = (
     _VIEWS_TABLE,
 )
 
+# What each publish replaced, so that a rollback can put it back: the version's row as it was, the ids the
+# publish touched, and the rows (with vectors and views) those ids had; ids it added have no kept row.
+_KEPT_TABLES = f"""
+CREATE TABLE IF NOT EXISTS kept_versions (
+    model_version TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    dimension INTEGER NOT NULL,
+    text_template TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    rows INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    published_at TEXT NOT NULL,
+    ranking TEXT NOT NULL,
+    PRIMARY KEY (model_version, generation)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kept_changes (
+    model_version TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    template_id TEXT NOT NULL,
+    PRIMARY KEY (model_version, generation, template_id),
+    FOREIGN KEY (model_version, generation) REFERENCES kept_versions(model_version, generation) ON DELETE CASCADE
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kept_templates (
+    model_version TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    {column_definitions({"text": "TEXT", "int": "INTEGER"})},
+    vector BLOB NOT NULL,
+    PRIMARY KEY (model_version, generation, template_id),
+    FOREIGN KEY (model_version, generation, template_id)
+        REFERENCES kept_changes(model_version, generation, template_id) ON DELETE CASCADE
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kept_template_views (
+    model_version TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    template_id TEXT NOT NULL,
+    view TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    PRIMARY KEY (model_version, generation, template_id, view),
+    FOREIGN KEY (model_version, generation, template_id)
+        REFERENCES kept_templates(model_version, generation, template_id) ON DELETE CASCADE
+) WITHOUT ROWID;
+"""
+_UPGRADE_FROM_2 = tuple(statement for statement in _KEPT_TABLES.split(";") if statement.strip())
+_KEEP_VERSION = f"INSERT INTO kept_versions SELECT {_VERSION_COLUMNS} FROM model_versions WHERE key = ?"
+_KEEP_TOUCHED = (
+    f"INSERT INTO kept_templates SELECT t.model_version, c.generation, "
+    f"{', '.join(f't.{name}' for name in TEMPLATE_FIELDS)}, t.vector FROM kept_changes AS c "
+    "JOIN templates AS t ON t.model_version = c.model_version AND t.template_id = c.template_id "
+    "WHERE c.model_version = ? AND c.generation = ?",
+    "INSERT INTO kept_template_views SELECT w.model_version, c.generation, w.template_id, w.view, w.vector "
+    "FROM kept_changes AS c JOIN template_views AS w ON w.model_version = c.model_version "
+    "AND w.template_id = c.template_id WHERE c.model_version = ? AND c.generation = ?",
+)
+_DELETE_TOUCHED = (
+    "DELETE FROM templates WHERE model_version = ? AND template_id IN "
+    "(SELECT template_id FROM kept_changes WHERE model_version = ? AND generation = ?)"
+)
+_RESTORE_VERSION = (
+    "UPDATE model_versions SET "
+    + ", ".join(f"{name} = k.{name}" for name in VERSION_FIELDS[1:] if name not in ("generation", "created_at",
+                                                                                    "published_at"))
+    + ", generation = ?, published_at = ? FROM kept_versions AS k "
+    "WHERE model_versions.key = ? AND k.model_version = model_versions.key AND k.generation = ?"
+)
+_RESTORE_TEMPLATES = (
+    f"INSERT INTO templates (model_version, {_TEMPLATE_COLUMNS}, vector) "
+    f"SELECT model_version, {_TEMPLATE_COLUMNS}, vector FROM kept_templates WHERE model_version = ? AND generation = ?"
+)
+_RESTORE_VIEWS = (
+    "INSERT INTO template_views (model_version, template_id, view, vector) "
+    "SELECT model_version, template_id, view, vector FROM kept_template_views WHERE model_version = ? AND generation = ?"
+)
+_SELECT_KEPT = (
+    "SELECT model_version, generation FROM kept_versions ORDER BY model_version, generation DESC",
+    "SELECT model_version, generation FROM kept_versions WHERE model_version = ? ORDER BY generation DESC",
+)
+_SELECT_KEPT_VERSION = (
+    f"SELECT {', '.join(('model_version', *VERSION_FIELDS[1:]))} FROM kept_versions "
+    "WHERE model_version = ? AND generation = ?"
+)
+
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS store_meta (
     key TEXT PRIMARY KEY,
@@ -109,6 +194,7 @@ CREATE TABLE IF NOT EXISTS embedding_cache (
     PRIMARY KEY (model_version, fingerprint, content_hash)
 ) WITHOUT ROWID;
 {_VIEWS_TABLE}
+{_KEPT_TABLES}
 """
 
 _LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
@@ -178,6 +264,9 @@ class SqliteSession:
             "INSERT INTO store_meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value)
         )
 
+    def delete_meta(self, key: str) -> None:
+        self.conn.execute("DELETE FROM store_meta WHERE key = ?", (key,))
+
     def version_rows(self, key: str | None = None) -> list[tuple]:
         every, one = _SELECT_VERSIONS if self.schema_version >= 2 else _SELECT_SCHEMA_1_VERSIONS
         if key is None:
@@ -244,6 +333,7 @@ class SqliteSession:
         return self.conn.execute("DELETE FROM templates WHERE model_version = ?", (key,)).rowcount
 
     def delete_version(self, key: str) -> None:
+        self.conn.execute("DELETE FROM kept_versions WHERE model_version = ?", (key,))
         self.conn.execute("DELETE FROM embedding_cache WHERE model_version = ?", (key,))
         self.conn.execute("DELETE FROM model_versions WHERE key = ?", (key,))
 
@@ -282,6 +372,35 @@ class SqliteSession:
 
     def after_rows(self, key: str, dimension: int) -> None:
         pass
+
+    def kept_generations(self, key: str | None = None) -> dict[str, list[int]]:
+        if self.schema_version < 3:
+            return {}
+        every, one = _SELECT_KEPT
+        kept: dict[str, list[int]] = {}
+        for version, generation in self.conn.execute(every) if key is None else self.conn.execute(one, (key,)):
+            kept.setdefault(version, []).append(generation)
+        return kept
+
+    def keep_generation(self, key: str, generation: int, touched: Sequence[str]) -> None:
+        self.conn.execute(_KEEP_VERSION, (key,))
+        self.conn.executemany("INSERT INTO kept_changes VALUES (?, ?, ?)", [(key, generation, t) for t in touched])
+        for statement in _KEEP_TOUCHED:
+            self.conn.execute(statement, (key, generation))
+
+    def kept_version_row(self, key: str, generation: int) -> tuple:
+        return self.conn.execute(_SELECT_KEPT_VERSION, (key, generation)).fetchone()
+
+    def restore_generation(self, key: str, generation: int, new_generation: int, published_at: str) -> None:
+        self.conn.execute(_DELETE_TOUCHED, (key, key, generation))
+        self.conn.execute(_RESTORE_VERSION, (new_generation, published_at, key, generation))
+        self.conn.execute(_RESTORE_TEMPLATES, (key, generation))
+        self.conn.execute(_RESTORE_VIEWS, (key, generation))
+
+    def forget_generations(self, key: str, generations: Sequence[int]) -> None:
+        self.conn.executemany(
+            "DELETE FROM kept_versions WHERE model_version = ? AND generation = ?", [(key, g) for g in generations]
+        )
 
 
 class SqliteStore(PublishingStore):
@@ -385,15 +504,15 @@ class SqliteStore(PublishingStore):
         with self._read() as session:
             version = int(session.meta("schema_version") or 0)
             has_id = session.meta("store_id") is not None
-        if version not in (1, SCHEMA_VERSION):
+        if version not in (1, 2, SCHEMA_VERSION):
             raise StoreError(f"{self.path} has store schema {version}; this software reads schema {SCHEMA_VERSION}")
         self._schema_version = version
-        if create and version == 1:
+        if create and version < SCHEMA_VERSION:
             with self._write() as session:
-                if int(session.meta("schema_version")) == 1:
-                    for statement in _UPGRADE_FROM_1:
-                        session.conn.execute(statement)
-                    session.write_meta("schema_version", str(SCHEMA_VERSION))
+                found = int(session.meta("schema_version"))
+                for statement in (*(_UPGRADE_FROM_1 if found < 2 else ()), *(_UPGRADE_FROM_2 if found < 3 else ())):
+                    session.conn.execute(statement)
+                session.write_meta("schema_version", str(SCHEMA_VERSION))
             self._schema_version = SCHEMA_VERSION
         if create and not has_id:
             with self._write() as session:
