@@ -92,6 +92,9 @@ def main() -> None:
       2  usage error (unknown option, bad value, unknown model version)
       3  `materialize` published a new generation, then a later step (a check) failed
     """
+    # The local model's threads sleep between calls instead of spinning: on a busy machine spinning
+    # threads made each query embedding many times slower.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 
 @main.command()
@@ -139,7 +142,27 @@ def materialize(model_key: str | None, force: bool, as_json: bool, faq_path: str
             if not report["success"]:
                 exit_code = max(exit_code, EXIT_FAILED_AFTER_PUBLISH if report["published"] else EXIT_RUN_FAILED)
                 click.echo(failure_text(report), err=True)
+    for warning in stale_current_warnings(settings.store_url(), versions):
+        click.echo(f"warning: {warning}", err=True)
     sys.exit(exit_code)
+
+
+def stale_current_warnings(url: str, declared) -> list[str]:
+    """A warning when the store's current version is one that runs no longer refresh (not active)."""
+    active = [v.key for v in declared if v.active]
+    try:
+        with open_store(url, create=False) as store:
+            current = next((v.key for v in store.versions() if v.is_current), None)
+    except StoreError:
+        return []
+    if current is None or current in active or not active:
+        return []
+    state = "declared inactive" if current in {v.key for v in declared} else "no longer declared"
+    return [
+        f"the current version {current} is {state} in model_versions.toml: runs no longer refresh it, "
+        f"and searches answer from it until an active version is promoted "
+        f"(embedding-assets versions promote {active[0]})"
+    ]
 
 
 class ProgressDisplay:
@@ -275,6 +298,14 @@ def status(as_json: bool) -> None:
         f"{v['provider']}:{v['model']} ({v['dimension']}-d), last published {v['published_at']}"
         for v in versions
     ]
+    from embedding_assets.lib.model_versions import ModelVersionError, load_model_versions
+
+    try:
+        warnings = stale_current_warnings(url, load_model_versions(settings.model_versions_path()))
+    except ModelVersionError as exc:
+        warnings = [str(exc)]
+    payload["warnings"] = warnings
+    lines += [f"warning: {w}" for w in warnings]
     _emit(payload, as_json, "\n".join(lines))
 
 

@@ -11,7 +11,7 @@ import pytest
 from openpyxl import Workbook, load_workbook
 
 from embedding_assets.lib.faq import Template
-from embedding_assets_tests.pipeline import run_pipeline
+from embedding_assets_tests.pipeline import DEFAULT_KEY, run_pipeline
 from embedding_assets_tests.postgres import postgres_server, postgres_url  # noqa: F401  (fixtures)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +98,25 @@ def first_run(tmp_path_factory):
     cold = run_pipeline(faq, store, instance=instance)
     rerun = run_pipeline(faq, store, instance=instance)
     return cold, rerun, store
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """One cold run of the sample FAQ for the default model version, for the tests that use the defaults."""
+    directory = tmp_path_factory.mktemp("default")
+    faq = write_rows(directory / "faq.xlsx", read_rows(SAMPLE_FAQ))
+    store = directory / "store.db"
+    cold = run_pipeline(faq, store, key=DEFAULT_KEY)
+    assert cold.result.success
+    return cold, store
+
+
+@pytest.fixture
+def default_warm(default_run, tmp_path):
+    """A copy of the default version's published store and of the sample FAQ, for one test to change."""
+    store = tmp_path / "store.db"
+    shutil.copyfile(default_run[1], store)
+    return write_rows(tmp_path / "faq.xlsx", read_rows(SAMPLE_FAQ)), store
 
 
 @pytest.fixture

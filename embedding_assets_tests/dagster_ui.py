@@ -15,6 +15,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+import dagster as dg
+
 from embedding_assets_tests.conftest import PROJECT_ROOT
 
 CHROMIUM = "/usr/bin/chromium"
@@ -98,6 +100,20 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
+def create_instance_storage(home: Path) -> None:
+    """Create the instance's SQLite storage before the daemon and the webserver both try to (they race)."""
+    previous = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        with dg.DagsterInstance.get() as instance:
+            instance.get_runs(limit=1)
+    finally:
+        if previous is None:
+            del os.environ["DAGSTER_HOME"]
+        else:
+            os.environ["DAGSTER_HOME"] = previous
+
+
 @contextmanager
 def dagster_server(home: Path, env: Mapping[str, str], startup_timeout: float = 180) -> Iterator[DagsterServer]:
     """Start dagster-daemon and dagster-webserver on a free port with their own DAGSTER_HOME."""
@@ -111,6 +127,7 @@ def dagster_server(home: Path, env: Mapping[str, str], startup_timeout: float = 
             str(BIN / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port),
         ],
     }
+    create_instance_storage(home)
     processes = []
     try:
         for log_name, command in commands.items():

@@ -25,7 +25,8 @@ from embedding_assets.lib.embedders import Embedder
 from embedding_assets.lib.model_versions import ModelVersionCatalog
 from embedding_assets.settings import PROJECT_ROOT, validation_queries_path
 
-KEY = "e5-small-v1"
+KEY = "e5-small-v1"  # a single-view version: the pipeline tests count one text per template
+DEFAULT_KEY = "e5-small-views-v1"  # what model_versions.toml materializes by default
 MODEL_VERSIONS = str(PROJECT_ROOT / "model_versions.toml")
 
 

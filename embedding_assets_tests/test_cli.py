@@ -14,16 +14,17 @@ import dagster as dg
 import pytest
 
 from embedding_assets_tests.conftest import PROJECT_ROOT, SAMPLE_FAQ, read_rows, write_rows
+from embedding_assets_tests.pipeline import DEFAULT_KEY
 
 CLI = str(Path(sys.executable).parent / "embedding-assets")
 SUMMARY_KEYS = {"model_version", "new", "modified", "deleted", "unchanged", "embedded", "rows", "generation"}
 
 
 @pytest.fixture
-def workdir(first_run, tmp_path):
-    """A working directory with a FAQ copy, a warm store copy and its own DAGSTER_HOME."""
+def workdir(default_run, tmp_path):
+    """A working directory with a FAQ copy, a copy of the default version's store and its own DAGSTER_HOME."""
     faq = write_rows(tmp_path / "faq.xlsx", read_rows(SAMPLE_FAQ))
-    shutil.copyfile(first_run[2], tmp_path / "store.db")
+    shutil.copyfile(default_run[1], tmp_path / "store.db")
     env = {
         **os.environ,
         "EMBEDDING_ASSETS_FAQ_PATH": str(faq),
@@ -43,10 +44,11 @@ def cli(workdir, *args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def test_materialize_status_and_search_through_the_cli(workdir):
     cwd, faq, env = workdir
-    noop = json.loads(cli(workdir, "materialize", "--json").stdout)
+    first = cli(workdir, "materialize", "--json")
+    noop, noop_stderr = json.loads(first.stdout), first.stderr
     assert SUMMARY_KEYS <= noop.keys()
     assert {k: noop[k] for k in SUMMARY_KEYS} == {
-        "model_version": "e5-small-v1", "new": 0, "modified": 0, "deleted": 0, "unchanged": 90,
+        "model_version": DEFAULT_KEY, "new": 0, "modified": 0, "deleted": 0, "unchanged": 90,
         "embedded": 0, "rows": 90, "generation": 1,
     }
 
@@ -54,19 +56,21 @@ def test_materialize_status_and_search_through_the_cli(workdir):
     rows[3][6] += " Уточнение для оператора."
     write_rows(faq, rows)
     edited = json.loads(cli(workdir, "materialize", "--json").stdout)
+    # of the two views only `qa` holds the answer: one text embedded
     assert (edited["modified"], edited["embedded"], edited["embedding_calls"]) == (1, 1, 1)
     assert (edited["rows"], edited["generation"]) == (90, 2)
+    assert "warning" not in noop_stderr
 
     status = json.loads(cli(workdir, "status", "--json").stdout)
-    assert status["generation"] == 2
+    assert (status["generation"], status["warnings"]) == (2, [])
     [version] = status["versions"]
     assert {k: version[k] for k in ("model_version", "rows", "generation", "current")} == {
-        "model_version": "e5-small-v1", "rows": 90, "generation": 2, "current": True,
+        "model_version": DEFAULT_KEY, "rows": 90, "generation": 2, "current": True,
     }
     assert version["published_at"]
 
     found = json.loads(cli(workdir, "search", "потерял телефон с приложением банка", "--json", "--top-k", "2").stdout)
-    assert found["model_version"] == "e5-small-v1"
+    assert found["model_version"] == DEFAULT_KEY
     assert [h["rank"] for h in found["hits"]] == [1, 2]
     assert found["hits"][0]["template_id"] == "SEC-006"
     in_category = json.loads(cli(workdir, "search", "кредит", "--category", "Карты", "--json").stdout)
@@ -82,7 +86,7 @@ def test_materialize_status_and_search_through_the_cli(workdir):
         else:
             os.environ["DAGSTER_HOME"] = previous
     assert [r.job_name for r in runs] == ["embed_faq", "embed_faq"]
-    assert {r.tags["dagster/partition"] for r in runs} == {"e5-small-v1"}
+    assert {r.tags["dagster/partition"] for r in runs} == {DEFAULT_KEY}
 
 
 def test_a_broken_faq_exits_non_zero_with_the_row_and_column(workdir):
@@ -104,7 +108,7 @@ def test_a_broken_faq_exits_non_zero_with_the_row_and_column(workdir):
 def test_unknown_model_version_and_missing_store_are_clear_errors(workdir, tmp_path):
     done = cli(workdir, "materialize", "--model", "nope", check=False)
     assert done.returncode == 2
-    assert "unknown model version 'nope'; declared: e5-small-v1" in done.stderr
+    assert "unknown model version 'nope'; declared: e5-small-v1, e5-small-views-v1" in done.stderr
 
     cwd, _, env = workdir
     env["EMBEDDING_ASSETS_STORE"] = str(tmp_path / "absent.db")
@@ -126,8 +130,8 @@ def test_make_run_materializes_and_prints_a_summary_and_a_search(workdir):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
-    assert "e5-small-v1: 0 new, 0 modified, 0 deleted, 90 unchanged" in done.stdout
-    assert "* e5-small-v1: 90 rows, generation 1" in done.stdout
+    assert f"{DEFAULT_KEY}: 0 new, 0 modified, 0 deleted, 90 unchanged" in done.stdout
+    assert f"* {DEFAULT_KEY}: 90 rows, generation 1" in done.stdout
     assert "1. [" in done.stdout and "SEC-006" in done.stdout
 
 
@@ -146,6 +150,6 @@ def test_a_failing_publish_prints_the_store_error_not_dagsters_wrapper(workdir):
 
     assert done.returncode == 1
     assert "Error occurred while handling output" not in done.stderr
-    assert "e5-small-v1: step embedding_store failed: " in done.stderr
+    assert f"{DEFAULT_KEY}: step embedding_store failed: " in done.stderr
     assert "locked" in done.stderr.split("step embedding_store failed: ", 1)[1]
-    assert "e5-small-v1: the published store is unchanged" in done.stderr
+    assert f"{DEFAULT_KEY}: the published store is unchanged" in done.stderr

@@ -102,3 +102,14 @@ def test_matched_facet_folds_case_and_suggests():
     assert matched_facet("category", None, known) is None
     with pytest.raises(ValueError, match="did you mean 'Переводы и платежи'"):
         matched_facet("category", "переводы платежи", known)
+
+
+def test_status_warns_when_the_current_version_is_no_longer_refreshed(workdir):
+    status = json.loads(cli(workdir, "status", "--json", "--store", "other.db").stdout)
+    warning = (
+        "the current version e5-small-v1 is declared inactive in model_versions.toml: runs no longer refresh it, "
+        "and searches answer from it until an active version is promoted "
+        "(embedding-assets versions promote e5-small-views-v1)"
+    )
+    assert status["warnings"] == [warning]
+    assert f"warning: {warning}" in cli(workdir, "status", "--store", "other.db").stdout

@@ -99,12 +99,12 @@ def test_the_resource_says_which_sheet_it_read(tmp_path) -> None:
     assert sheet.note == "read sheet 'FAQ' (the active sheet); other sheets: 'Old' (hidden); headers in row 1"
 
 
-def test_materialize_reads_the_file_named_by_faq_and_the_columns_named_by_variables(first_run, tmp_path) -> None:
+def test_materialize_reads_the_file_named_by_faq_and_the_columns_named_by_variables(default_run, tmp_path) -> None:
     rows = read_rows(SAMPLE_FAQ)
     faq = tmp_path / "english.csv"
     with faq.open("w", newline="", encoding="utf-8") as handle:
         csv.writer(handle, delimiter=";").writerows([ENGLISH, *[["" if v is None else v for v in r] for r in rows[1:]]])
-    shutil.copyfile(first_run[2], tmp_path / "store.db")
+    shutil.copyfile(default_run[1], tmp_path / "store.db")
     env = {k: v for k, v in os.environ.items() if k not in FAQ_VARS}
     env |= {
         "EMBEDDING_ASSETS_STORE": "sqlite:///store.db",

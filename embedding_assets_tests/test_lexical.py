@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,34 @@ def test_character_ngrams_match_typos_and_the_other_script():
     unfolded = CharNgramIndex(documents, fold=False)
     assert unfolded.scores("forsazh")[1] == 0.0
     assert folded.scores("forsazh")[1] > 0.3
+
+
+def reference_ngram_scores(documents: list[str], query: str, sizes=range(3, 6)) -> np.ndarray:
+    """The index's definition, term by term: TF-IDF (1 + ln tf, smoothed idf) cosine over folded n-grams."""
+    def grams(text: str) -> Counter:
+        return Counter(
+            f" {w} "[i:i + n] for w in fold_script(text).split() for n in sizes for i in range(len(w) + 3 - n)
+        )
+
+    counts = [grams(d) for d in documents]
+    frequency = Counter(g for c in counts for g in c)
+    idf = {g: math.log((1 + len(documents)) / (1 + df)) + 1 for g, df in frequency.items()}
+
+    def vector(c: Counter) -> dict[str, float]:
+        raw = {g: (1 + math.log(k)) * idf[g] for g, k in c.items() if g in idf}
+        norm = math.sqrt(sum(v * v for v in raw.values()))
+        return {g: v / norm for g, v in raw.items()} if norm else {}
+
+    q = vector(grams(query))
+    return np.array([sum(w * vector(c).get(g, 0.0) for g, w in q.items()) for c in counts])
+
+
+def test_character_ngram_scores_equal_the_definition_on_the_sample_faq():
+    templates = parse_faq(SAMPLE_FAQ)
+    documents = [f"{t.subcategory} {t.question} {t.answer}" for t in templates]
+    index = CharNgramIndex(documents)
+    for query in ("как папалнить море", "забыла пин от карточки", "forsazh где взять", "кешбэк", "а"):
+        assert index.scores(query) == pytest.approx(reference_ngram_scores(documents, query), abs=1e-5), query
 
 
 def test_character_ngrams_of_an_unknown_query_score_zero():

@@ -11,7 +11,7 @@ from embedding_assets.lib.faq_watch import file_sha256
 from embedding_assets.store import open_store
 from embedding_assets_tests.conftest import read_rows, write_rows
 from embedding_assets_tests.dagster_ui import CHAIN, asset_graph, dagster_server, launch_chromium
-from embedding_assets_tests.pipeline import KEY
+from embedding_assets_tests.pipeline import DEFAULT_KEY as KEY
 
 pytestmark = pytest.mark.e2e
 
@@ -30,10 +30,10 @@ def open_browser(playwright):
         pytest.skip(f"Chromium cannot start: {exc}")
 
 
-def test_a_faq_edit_is_published_by_the_sensor_and_the_ui_draws_the_chain(warm, tmp_path):
+def test_a_faq_edit_is_published_by_the_sensor_and_the_ui_draws_the_chain(default_warm, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    faq, store = warm
+    faq, store = default_warm
     env = {
         "EMBEDDING_ASSETS_FAQ_PATH": str(faq),
         "EMBEDDING_ASSETS_STORE": f"sqlite:///{store}",
@@ -92,8 +92,8 @@ query Logs($runId: ID!) {
 """
 
 
-def test_execute_all_on_the_store_checks_tab_runs_every_check_without_a_partition(warm, tmp_path):
-    faq, store = warm
+def test_execute_all_on_the_store_checks_tab_runs_every_check_without_a_partition(default_warm, tmp_path):
+    faq, store = default_warm
     env = {
         "EMBEDDING_ASSETS_FAQ_PATH": str(faq),
         "EMBEDDING_ASSETS_STORE": f"sqlite:///{store}",

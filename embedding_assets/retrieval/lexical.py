@@ -103,41 +103,81 @@ def _ngrams(word: str, sizes: range) -> Iterable[str]:
 
 
 class CharNgramIndex:
-    """TF-IDF cosine similarity over character n-grams of (optionally script-folded) words."""
+    """TF-IDF cosine similarity over character n-grams of (optionally script-folded) words.
+
+    A document's weight of n-gram g is (1 + ln count) * idf(g), idf(g) = ln((1 + N) / (1 + df)) + 1,
+    L2-normalised. Built with numpy from each distinct word's n-grams, so building costs about one
+    pass over the words rather than one per n-gram occurrence.
+    """
 
     def __init__(self, documents: Sequence[str], sizes: tuple[int, int] = (3, 5), fold: bool = True):
         self._sizes = range(sizes[0], sizes[1] + 1)
         self._fold = fold
         self._size = len(documents)
-        counts = [self._counts(d) for d in documents]
-        frequency = Counter(g for c in counts for g in c)
-        self._idf = {g: math.log((1 + self._size) / (1 + df)) + 1.0 for g, df in frequency.items()}
-        postings: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        for position, c in enumerate(counts):
-            for gram, weight in self._weights(c).items():
-                postings[gram].append((position, weight))
-        self._postings = {
-            gram: (np.array([p for p, _ in entries], dtype=np.int64), np.array([w for _, w in entries], dtype=np.float32))
-            for gram, entries in postings.items()
-        }
+        word_ids: dict[str, int] = {}
+        token_docs: list[int] = []
+        token_words: list[int] = []
+        for position, document in enumerate(documents):
+            ids = [word_ids.setdefault(t, len(word_ids)) for t in self._tokens(document)]
+            token_words += ids
+            token_docs += [position] * len(ids)
+        self._grams: dict[str, int] = {}
+        offsets, word_grams, word_gram_counts = [0], [], []
+        for word in word_ids:
+            for gram, count in Counter(_ngrams(word, self._sizes)).items():
+                word_grams.append(self._grams.setdefault(gram, len(self._grams)))
+                word_gram_counts.append(count)
+            offsets.append(len(word_grams))
+        self._postings = self._build(
+            np.array(token_docs, dtype=np.int64), np.array(token_words, dtype=np.int64), len(word_ids),
+            np.array(offsets, dtype=np.int64), np.array(word_grams, dtype=np.int64),
+            np.array(word_gram_counts, dtype=np.float64),
+        )
 
-    def _counts(self, text: str) -> Counter[str]:
-        tokens = [fold_word(w) for w in words(text)] if self._fold else words(text)
-        return Counter(g for t in tokens for g in _ngrams(t, self._sizes))
+    def _build(self, token_docs, token_words, words_count, offsets, word_grams, word_gram_counts):
+        """Per n-gram: the documents holding it and their normalised weights (a CSR over n-grams)."""
+        grams_count = len(self._grams)
+        pairs, pair_counts = np.unique(token_docs * max(words_count, 1) + token_words, return_counts=True)
+        pair_docs, pair_words = np.divmod(pairs, max(words_count, 1))
+        lengths = offsets[pair_words + 1] - offsets[pair_words]
+        starts = np.repeat(offsets[pair_words] - np.cumsum(lengths) + lengths, lengths)
+        entries = starts + np.arange(int(lengths.sum()))
+        keys = np.repeat(pair_docs, lengths) * max(grams_count, 1) + word_grams[entries]
+        cells, inverse = np.unique(keys, return_inverse=True)
+        counts = np.bincount(inverse, weights=np.repeat(pair_counts, lengths) * word_gram_counts[entries])
+        cell_docs, cell_grams = np.divmod(cells, max(grams_count, 1))
+        frequency = np.bincount(cell_grams, minlength=grams_count)
+        self._idf = np.log((1 + self._size) / (1 + frequency)) + 1.0
+        weights = (1.0 + np.log(counts)) * self._idf[cell_grams]
+        norms = np.sqrt(np.bincount(cell_docs, weights=weights * weights, minlength=self._size))
+        weights = (weights / norms[cell_docs]).astype(np.float32)
+        order = np.argsort(cell_grams, kind="stable")
+        bounds = np.searchsorted(cell_grams[order], np.arange(grams_count + 1))
+        return bounds, cell_docs[order], weights[order]
 
-    def _weights(self, counts: Counter[str]) -> dict[str, float]:
-        vector = {g: (1.0 + math.log(c)) * self._idf[g] for g, c in counts.items() if g in self._idf}
+    def _tokens(self, text: str) -> list[str]:
+        return [_folded(w) for w in words(text)] if self._fold else words(text)
+
+    def _query_weights(self, query: str) -> dict[int, float]:
+        counts = Counter(g for t in self._tokens(query) for g in _ngrams(t, self._sizes))
+        known = {self._grams[g]: c for g, c in counts.items() if g in self._grams}
+        vector = {g: (1.0 + math.log(c)) * float(self._idf[g]) for g, c in known.items()}
         norm = math.sqrt(sum(v * v for v in vector.values()))
         return {g: v / norm for g, v in vector.items()} if norm else {}
 
     def scores(self, query: str) -> np.ndarray:
         """Cosine similarity (0..1) of the query to every document."""
         result = np.zeros(self._size, dtype=np.float32)
-        for gram, weight in self._weights(self._counts(query)).items():
-            if (posting := self._postings.get(gram)) is not None:
-                positions, doc_weights = posting
-                result[positions] += weight * doc_weights
+        bounds, docs, weights = self._postings
+        for gram, weight in self._query_weights(query).items():
+            start, stop = bounds[gram], bounds[gram + 1]
+            result[docs[start:stop]] += weight * weights[start:stop]
         return result
+
+
+@lru_cache(maxsize=200_000)
+def _folded(word: str) -> str:
+    return fold_word(word)
 
 
 _FUNCTION_WORDS = frozenset({"PREP", "CONJ", "PRCL", "INTJ", "NPRO", "PRED"})
