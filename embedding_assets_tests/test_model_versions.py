@@ -50,7 +50,7 @@ def test_repo_model_versions() -> None:
             model="multilingual-e5-small",
             dimension=384,
             text_template="{subcategory}: {question}\n{answer}",
-            active=True,
+            active=False,
             batch_size=32,
             settings={"variant": "original"},
         ),
@@ -60,7 +60,7 @@ def test_repo_model_versions() -> None:
             model="multilingual-e5-small",
             dimension=384,
             text_template="{subcategory}: {question}\n{answer}",
-            active=False,
+            active=True,
             batch_size=32,
             settings={"variant": "original"},
             views=(
