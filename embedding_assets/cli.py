@@ -323,9 +323,10 @@ def versions_promote(key: str, force: bool, queries_path: str | None, as_json: b
     from embedding_assets.lib.embedders import EmbeddingError, embedder_for
     from embedding_assets.lib.model_versions import load_model_versions
     from embedding_assets.retrieval.evaluation import QueriesFileError, load_queries
-    from embedding_assets.retrieval.promotion import declared_or_stored, review_promotion
+    from embedding_assets.retrieval.promotion import PromotionReview, declared_or_stored, review_promotion
 
     queries_path = queries_path or settings.validation_queries_path()
+    reviewed = True
     with _existing_store(write=True) as store:
         try:
             review = review_promotion(
@@ -334,7 +335,12 @@ def versions_promote(key: str, force: bool, queries_path: str | None, as_json: b
                 embedder=embedder_for,
             )
         except (QueriesFileError, EmbeddingError) as exc:
-            raise click.ClickException(f"cannot review the promotion of {key}: {exc}") from exc
+            if not force:
+                raise click.ClickException(f"cannot review the promotion of {key}: {exc}; promote it anyway with "
+                                           "--force") from exc
+            click.echo(f"{key}: promoted without a quality review ({exc})", err=True)
+            reviewed = False
+            review = PromotionReview(key, store.current_version(), queries_path, note=f"not reviewed: {exc}")
         refused = review.worse and not force
         previous = store.current_version()
         info = None if refused else store.promote(key)
@@ -351,7 +357,7 @@ def versions_promote(key: str, force: bool, queries_path: str | None, as_json: b
         text = f"{key} is now the current version ({info.rows} rows); it was {previous or 'none'}"
     if review.compared:
         text = f"{review.summary()}{' (promoted with --force)' if review.worse else ''}\n{text}"
-    elif previous not in (None, key):
+    elif reviewed and previous not in (None, key):
         click.echo(f"{key}: {review.note}", err=True)
     _emit(payload, as_json, text)
 

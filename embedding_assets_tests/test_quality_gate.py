@@ -308,3 +308,51 @@ def test_search_json_names_the_store_identity_model_version_and_generation(first
         KEY, state.store_id, state.generation,
     )
     assert len(payload["hits"]) == 3
+
+
+# --- promotions with nothing to compare, or a review that cannot run ---------------------------------
+
+
+@pytest.fixture
+def unlabelled_versions(tmp_path, monkeypatch):
+    """Two 4-d versions of three hand-made templates that no labelled query names."""
+    from embedding_assets.lib.model_versions import ModelVersion
+    from embedding_assets_tests.test_sqlite_store import BASE, BASE_VECTORS, _publish
+
+    store = tmp_path / "store.db"
+    with open_store(store) as opened:
+        for key in ("mini-v1", "mini-v2"):
+            _publish(opened, ModelVersion(key=key, provider="local", model="mini", dimension=4), BASE, BASE_VECTORS)
+    monkeypatch.setenv("EMBEDDING_ASSETS_STORE", f"sqlite:///{store}")
+    monkeypatch.setenv("EMBEDDING_ASSETS_VALIDATION_QUERIES", str(SAMPLE_QUERIES))
+    return store
+
+
+def test_a_promotion_no_labelled_query_can_judge_goes_ahead_and_says_so(unlabelled_versions) -> None:
+    promoted = _promote("mini-v2")
+
+    assert promoted.exit_code == 0, promoted.output
+    assert promoted.stdout.strip() == "mini-v2 is now the current version (3 rows); it was mini-v1"
+    assert promoted.stderr.strip() == (
+        f"mini-v2: no labelled query of {SAMPLE_QUERIES} names a template of mini-v1: no quality comparison"
+    )
+
+
+def test_a_review_that_cannot_run_stops_the_promotion_unless_forced(unlabelled_versions, tmp_path) -> None:
+    missing = tmp_path / "nowhere.json"
+
+    stopped = _promote("mini-v2", "--queries", str(missing))
+
+    assert stopped.exit_code == 1
+    assert stopped.stderr.strip() == (
+        f"Error: cannot review the promotion of mini-v2: no queries file at {missing}; promote it anyway with --force"
+    )
+    with open_store(unlabelled_versions, create=False) as opened:
+        assert opened.current_version() == "mini-v1"
+
+    forced = _promote("mini-v2", "--queries", str(missing), "--force")
+
+    assert forced.exit_code == 0, forced.output
+    assert forced.stderr.strip() == f"mini-v2: promoted without a quality review (no queries file at {missing})"
+    with open_store(unlabelled_versions, create=False) as opened:
+        assert opened.current_version() == "mini-v2"

@@ -2,7 +2,8 @@ import dagster as dg
 from pydantic import Field
 
 from embedding_assets.defs.resources import ModelCatalog, StoreResource, ValidationQueries
-from embedding_assets.retrieval.evaluation import load_queries
+from embedding_assets.lib.embedders import EmbeddingError
+from embedding_assets.retrieval.evaluation import QueriesFileError, load_queries
 from embedding_assets.retrieval.promotion import PromotionReview, declared_or_stored, review_promotion
 
 
@@ -37,11 +38,19 @@ def promote_version(
 ) -> str:
     """Switch the store's current model version in one transaction, unless its top-3 is lower."""
     with store.open() as opened:
-        review = review_promotion(
-            opened, store.url, config.model_version, load_queries(validation_queries.path),
-            queries_file=validation_queries.path, model_version=declared_or_stored(models.versions()),
-            embedder=models.embedder,
-        )
+        try:
+            review = review_promotion(
+                opened, store.url, config.model_version, load_queries(validation_queries.path),
+                queries_file=validation_queries.path, model_version=declared_or_stored(models.versions()),
+                embedder=models.embedder,
+            )
+        except (QueriesFileError, EmbeddingError) as exc:
+            if not config.force:
+                raise dg.Failure(description=f"cannot review the promotion of {config.model_version}: {exc}; "
+                                 "promote it anyway with the op config force: true") from exc
+            context.log.warning(f"{config.model_version}: promoted without a quality review ({exc})")
+            review = PromotionReview(config.model_version, opened.current_version(), validation_queries.path,
+                                     note=f"not reviewed: {exc}")
         context.log.info(review.summary())
         if review.worse and not config.force:
             raise dg.Failure(description=review.refusal("the op config force: true"),
