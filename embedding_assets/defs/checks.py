@@ -178,7 +178,8 @@ def _retrieval_quality(
         raw + f"\ntop_k={validation_queries.top_k}\nmin={validation_queries.min_accuracy}".encode()
     ).hexdigest()[:16]
     evaluated_state = ", ".join(f"{key}@{generation}" for key, generation in generations.items())
-    previous = _previous_evaluation(context, evaluated_state, fingerprint)
+    recent = _recent_evaluations(context)
+    previous = _previous_evaluation(recent, evaluated_state, fingerprint)
     if previous is not None:
         context.log.info(f"retrieval_quality: store {evaluated_state} and queries unchanged; kept the last result")
         metadata = {
@@ -193,7 +194,7 @@ def _retrieval_quality(
     outcomes = [_evaluate_version(version, queries, validation_queries, models, store) for version in versions]
     requests = sum(outcome.requests for outcome in outcomes)
     rankings = {o.key: {"generation": generations[o.key], "top_ids": o.report.top_ids} for o in outcomes}
-    changes, baselines = _edit_impact(context, rankings, fingerprint, queries, validation_queries.top_k)
+    changes, baselines = _edit_impact(recent, rankings, fingerprint, queries, validation_queries.top_k)
     state = {
         "evaluated_state": dg.MetadataValue.text(evaluated_state),
         "queries_fingerprint": dg.MetadataValue.text(fingerprint),
@@ -279,14 +280,14 @@ def _evaluate_version(
 
 
 def _edit_impact(
-    context: dg.AssetCheckExecutionContext, rankings: dict[str, dict], fingerprint: str, queries: list, top_k: int
+    recent: list[dg.AssetCheckEvaluation], rankings: dict[str, dict], fingerprint: str, queries: list, top_k: int
 ) -> tuple[list[dict], list[str]]:
     """The queries whose top-k answer changed since each version's last evaluation on the same queries,
     and the evaluations compared (`key@generation -> key@generation`)."""
     labelled = [LabelledQuery(q.query_id, q.query, q.template_id) for q in queries]
     changes, baselines = [], []
     for key, ranking in rankings.items():
-        previous = _previous_ranking(context, key, fingerprint)
+        previous = _previous_ranking(recent, key, fingerprint)
         if previous is None:
             continue
         baselines.append(f"{key}@{previous['generation']} -> {key}@{ranking['generation']}")
@@ -295,9 +296,9 @@ def _edit_impact(
     return changes, baselines
 
 
-def _previous_ranking(context: dg.AssetCheckExecutionContext, key: str, fingerprint: str) -> dict | None:
+def _previous_ranking(recent: list[dg.AssetCheckEvaluation], key: str, fingerprint: str) -> dict | None:
     """The per-query top-k ids of the version's latest evaluation on the same queries."""
-    for evaluation in _recent_evaluations(context):
+    for evaluation in recent:
         values = {name: getattr(value, "value", value) for name, value in evaluation.metadata.items()}
         rankings = values.get("top_ids_by_version")
         if values.get("queries_fingerprint") == fingerprint and isinstance(rankings, dict) and key in rankings:
@@ -306,6 +307,7 @@ def _previous_ranking(context: dg.AssetCheckExecutionContext, key: str, fingerpr
 
 
 def _recent_evaluations(context: dg.AssetCheckExecutionContext) -> list[dg.AssetCheckEvaluation]:
+    """The check's latest evaluations, newest first."""
     key = dg.AssetCheckKey(dg.AssetKey("embedding_store"), "retrieval_quality")
     records = context.instance.event_log_storage.get_asset_check_execution_history(key, limit=PREVIOUS_EVALUATIONS)
     evaluations = []
@@ -319,17 +321,10 @@ def _recent_evaluations(context: dg.AssetCheckExecutionContext) -> list[dg.Asset
 
 
 def _previous_evaluation(
-    context: dg.AssetCheckExecutionContext, evaluated_state: str, fingerprint: str
+    recent: list[dg.AssetCheckEvaluation], evaluated_state: str, fingerprint: str
 ) -> dg.AssetCheckEvaluation | None:
     """A recent evaluation of the check that saw the same store generations and queries."""
-    key = dg.AssetCheckKey(dg.AssetKey("embedding_store"), "retrieval_quality")
-    records = context.instance.event_log_storage.get_asset_check_execution_history(key, limit=PREVIOUS_EVALUATIONS)
-    for record in records:
-        if record.event is None or record.event.dagster_event is None:
-            continue
-        evaluation = record.event.dagster_event.event_specific_data
-        if not isinstance(evaluation, dg.AssetCheckEvaluation):
-            continue
+    for evaluation in recent:
         values = {name: getattr(value, "value", value) for name, value in evaluation.metadata.items()}
         if values.get("evaluated_state") == evaluated_state and values.get("queries_fingerprint") == fingerprint:
             return evaluation
