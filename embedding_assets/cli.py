@@ -183,10 +183,13 @@ def run_report(key: str, result) -> dict:
         elif name == "embedding_store":
             published = values
     check_cost = {"requests": 0, "inputs": 0}
+    changed_queries = None
     for evaluation in result.get_asset_check_evaluations():
         for item, field in (("requests", "requests"), ("inputs", "query_vectors_embedded")):
             if field in evaluation.metadata:
                 check_cost[item] += int(evaluation.metadata[field].value)
+        if evaluation.check_name == "retrieval_quality" and "changed_queries" in evaluation.metadata:
+            changed_queries = evaluation.metadata["changed_queries"].value
     return {
         "model_version": key,
         "success": result.success,
@@ -206,6 +209,7 @@ def run_report(key: str, result) -> dict:
         "store": published.get("store"),
         "errors": run_failures(result) if not result.success else [],
         "run_id": result.run_id,
+        "changed_queries": changed_queries,
     }
 
 

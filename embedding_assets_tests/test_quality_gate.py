@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from embedding_assets.cli import EXIT_PROMOTION_REFUSED, main
+from embedding_assets.cli import EXIT_PROMOTION_REFUSED, main, run_report
 from embedding_assets.defs.resources import ModelCatalog, StoreResource, ValidationQueries
 from embedding_assets.defs.versions import promote_model_version_job
 from embedding_assets.lib.near_duplicates import near_duplicate_pairs
@@ -273,6 +273,8 @@ def test_the_run_of_an_edit_lists_exactly_the_queries_whose_top3_changed(edited)
             KEY, before[change["query_id"]], after[change["query_id"]]
         )
         assert "DUP-001" in change["after"]
+    assert run_report(KEY, changed.result)["changed_queries"] == quality["changed_queries"]
+    assert run_report(KEY, unchanged.result)["changed_queries"] == []
 
 
 def test_near_duplicate_check_finds_the_injected_pair_and_nothing_else_on_the_sample(edited) -> None:
