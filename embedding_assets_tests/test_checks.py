@@ -126,7 +126,7 @@ def test_a_run_records_every_check_passing_and_the_retrieval_accuracy(warm):
     outcome = run_pipeline(faq, store, checks=CHECKS)
     assert outcome.result.success
     assert {name: e.passed for name, e in outcome.checks.items()} == {
-        "faq_content": True, "store_matches_faq": True, "retrieval_quality": True,
+        "faq_content": True, "store_matches_faq": True, "retrieval_quality": True, "near_duplicate_templates": True,
     }
     quality = outcome.checks["retrieval_quality"]
     assert quality.severity == dg.AssetCheckSeverity.WARN

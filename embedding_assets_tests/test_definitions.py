@@ -52,6 +52,7 @@ def test_the_sensor_and_the_schedule_start_running_and_the_checks_cover_the_chai
         ("faq_templates", "faq_content"),
         ("embedding_store", "store_matches_faq"),
         ("embedding_store", "retrieval_quality"),
+        ("embedding_store", "near_duplicate_templates"),
     }
     assert graph.get_check_spec(dg.AssetCheckKey(dg.AssetKey("faq_templates"), "faq_content")).blocking
 

@@ -12,13 +12,17 @@ from embedding_assets.lib.embedding_base import EmbeddingCost
 from embedding_assets.lib.faq import Template, missing_id_column_problems
 from embedding_assets.lib.faq_checks import faq_content_problems
 from embedding_assets.lib.model_versions import ModelVersion
+from embedding_assets.lib.near_duplicates import near_duplicate_pairs
 from embedding_assets.lib.verification import LISTED
 from embedding_assets.retrieval import TemplateRetriever
+from embedding_assets.retrieval.evaluation import LabelledQuery, query_hash, top_changes
 from embedding_assets.retrieval.quality import QualityReport, load_validation_queries, top_k_accuracy
 from embedding_assets.store import EmbeddingStore, StoreNotFoundError, open_store
 
 
 PREVIOUS_EVALUATIONS = 20  # of retrieval_quality, searched for one that saw the same store and queries
+CHANGED_QUERIES_LISTED = 50  # queries whose top-k answer an edit changed, listed in the check's metadata
+NEAR_DUPLICATES_LISTED = 50
 
 
 def _listed(items: list[str]) -> dg.MetadataValue:
@@ -105,7 +109,42 @@ def build_store_checks() -> list[dg.AssetChecksDefinition]:
                 metadata={"error": dg.MetadataValue.text(f"{type(exc).__name__}: {exc}")},
             )
 
-    return [store_matches_faq, retrieval_quality]
+    @dg.asset_check(asset="embedding_store")
+    def near_duplicate_templates(
+        context: dg.AssetCheckExecutionContext, models: ModelCatalog, store: StoreResource
+    ) -> dg.AssetCheckResult:
+        """No two different templates whose published vectors are nearly identical (stored vectors, no embedding)."""
+        threshold = store.near_duplicate_cosine
+        pairs, total, templates = [], 0, 0
+        with store.open() as opened:
+            for version in _checked_versions(context, models, opened):
+                snapshot = opened.snapshot(version.key)
+                found = near_duplicate_pairs(snapshot.matrix, threshold, limit=NEAR_DUPLICATES_LISTED)
+                total += found.total
+                templates += len(snapshot)
+                columns = snapshot.columns
+                pairs += [
+                    {"model_version": version.key, "first_id": columns["template_id"][i],
+                     "first_question": columns["question"][i], "second_id": columns["template_id"][j],
+                     "second_question": columns["question"][j], "cosine": round(cosine, 4)}
+                    for i, j, cosine in found.pairs
+                ]
+        pairs = sorted(pairs, key=lambda pair: -pair["cosine"])[:NEAR_DUPLICATES_LISTED]
+        return dg.AssetCheckResult(
+            passed=total == 0,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=(f"{total} pair(s) of templates with vectors at cosine >= {threshold}" if total
+                         else f"no two templates at cosine >= {threshold}"),
+            metadata={
+                "threshold": dg.MetadataValue.float(threshold),
+                "templates": dg.MetadataValue.int(templates),
+                "pair_count": dg.MetadataValue.int(total),
+                "pairs": dg.MetadataValue.json(pairs),
+                "requests": dg.MetadataValue.int(0),
+            },
+        )
+
+    return [store_matches_faq, retrieval_quality, near_duplicate_templates]
 
 
 def _checked_versions(
@@ -139,22 +178,33 @@ def _retrieval_quality(
         raw + f"\ntop_k={validation_queries.top_k}\nmin={validation_queries.min_accuracy}".encode()
     ).hexdigest()[:16]
     evaluated_state = ", ".join(f"{key}@{generation}" for key, generation in generations.items())
-    previous = _previous_evaluation(context, evaluated_state, fingerprint)
+    recent = _recent_evaluations(context)
+    previous = _previous_evaluation(recent, evaluated_state, fingerprint)
     if previous is not None:
         context.log.info(f"retrieval_quality: store {evaluated_state} and queries unchanged; kept the last result")
-        metadata = {**previous.metadata, "requests": dg.MetadataValue.int(0), "reevaluated": dg.MetadataValue.bool(False)}
+        metadata = {
+            **previous.metadata, "requests": dg.MetadataValue.int(0), "reevaluated": dg.MetadataValue.bool(False),
+            "changed_queries": dg.MetadataValue.json([]), "changed_query_count": dg.MetadataValue.int(0),
+            "impact_baseline": dg.MetadataValue.text(f"{evaluated_state} (unchanged)"),
+        }
         return dg.AssetCheckResult(
             passed=previous.passed, severity=dg.AssetCheckSeverity.WARN, description=previous.description,
             metadata=metadata,
         )
     outcomes = [_evaluate_version(version, queries, validation_queries, models, store) for version in versions]
     requests = sum(outcome.requests for outcome in outcomes)
+    rankings = {o.key: {"generation": generations[o.key], "top_ids": o.report.top_ids} for o in outcomes}
+    changes, baselines = _edit_impact(recent, rankings, fingerprint, queries, validation_queries.top_k)
     state = {
         "evaluated_state": dg.MetadataValue.text(evaluated_state),
         "queries_fingerprint": dg.MetadataValue.text(fingerprint),
         "requests": dg.MetadataValue.int(requests),
         "query_vectors_embedded": dg.MetadataValue.int(sum(outcome.embedded for outcome in outcomes)),
         "reevaluated": dg.MetadataValue.bool(True),
+        "top_ids_by_version": dg.MetadataValue.json(rankings),
+        "changed_queries": dg.MetadataValue.json(changes[:CHANGED_QUERIES_LISTED]),
+        "changed_query_count": dg.MetadataValue.int(len(changes)),
+        "impact_baseline": dg.MetadataValue.text(", ".join(baselines) or "none: the first evaluation of these queries"),
     }
     reports = [outcome.report for outcome in outcomes if outcome.report.accuracy is not None]
     if not reports:
@@ -229,23 +279,52 @@ def _evaluate_version(
     return _VersionQuality(version.key, report, requests, len(missing))
 
 
-def query_hash(text: str) -> str:
-    """The cache key of a query's vector: apart from passages', which hash the embedded passage text."""
-    return hashlib.sha256(f"query\n{text}".encode()).hexdigest()
+def _edit_impact(
+    recent: list[dg.AssetCheckEvaluation], rankings: dict[str, dict], fingerprint: str, queries: list, top_k: int
+) -> tuple[list[dict], list[str]]:
+    """The queries whose top-k answer changed since each version's last evaluation on the same queries,
+    and the evaluations compared (`key@generation -> key@generation`)."""
+    labelled = [LabelledQuery(q.query_id, q.query, q.template_id) for q in queries]
+    changes, baselines = [], []
+    for key, ranking in rankings.items():
+        previous = _previous_ranking(recent, key, fingerprint)
+        if previous is None:
+            continue
+        baselines.append(f"{key}@{previous['generation']} -> {key}@{ranking['generation']}")
+        changes += [{"model_version": key, **change}
+                    for change in top_changes(previous["top_ids"], ranking["top_ids"], labelled, k=top_k)]
+    return changes, baselines
 
 
-def _previous_evaluation(
-    context: dg.AssetCheckExecutionContext, evaluated_state: str, fingerprint: str
-) -> dg.AssetCheckEvaluation | None:
-    """A recent evaluation of the check that saw the same store generations and queries."""
+def _previous_ranking(recent: list[dg.AssetCheckEvaluation], key: str, fingerprint: str) -> dict | None:
+    """The per-query top-k ids of the version's latest evaluation on the same queries."""
+    for evaluation in recent:
+        values = {name: getattr(value, "value", value) for name, value in evaluation.metadata.items()}
+        rankings = values.get("top_ids_by_version")
+        if values.get("queries_fingerprint") == fingerprint and isinstance(rankings, dict) and key in rankings:
+            return rankings[key]
+    return None
+
+
+def _recent_evaluations(context: dg.AssetCheckExecutionContext) -> list[dg.AssetCheckEvaluation]:
+    """The check's latest evaluations, newest first."""
     key = dg.AssetCheckKey(dg.AssetKey("embedding_store"), "retrieval_quality")
     records = context.instance.event_log_storage.get_asset_check_execution_history(key, limit=PREVIOUS_EVALUATIONS)
+    evaluations = []
     for record in records:
         if record.event is None or record.event.dagster_event is None:
             continue
         evaluation = record.event.dagster_event.event_specific_data
-        if not isinstance(evaluation, dg.AssetCheckEvaluation):
-            continue
+        if isinstance(evaluation, dg.AssetCheckEvaluation):
+            evaluations.append(evaluation)
+    return evaluations
+
+
+def _previous_evaluation(
+    recent: list[dg.AssetCheckEvaluation], evaluated_state: str, fingerprint: str
+) -> dg.AssetCheckEvaluation | None:
+    """A recent evaluation of the check that saw the same store generations and queries."""
+    for evaluation in recent:
         values = {name: getattr(value, "value", value) for name, value in evaluation.metadata.items()}
         if values.get("evaluated_state") == evaluated_state and values.get("queries_fingerprint") == fingerprint:
             return evaluation

@@ -10,7 +10,7 @@ from embedding_assets.lib.embedders import Embedder, embedder_for
 from embedding_assets.lib.faq import FaqColumns, FaqSheet, Template, read_faq
 from embedding_assets.lib.model_versions import ModelVersion, ModelVersionCatalog
 from embedding_assets.lib.openai_settings import DEFAULT_API_KEY_ENV, OpenAISettings
-from embedding_assets.settings import STORE_VAR, Settings
+from embedding_assets.settings import DEFAULT_NEAR_DUPLICATE_COSINE, NEAR_DUPLICATE_COSINE_VAR, STORE_VAR, Settings
 from embedding_assets.store import EmbeddingStore, StoreCorruptError, open_store, open_store_for_rebuild
 
 __all__ = [
@@ -121,6 +121,11 @@ class StoreResource(dg.ConfigurableResource):
         default=600.0,
         description="Seconds a run waits for another run writing the same model version before it gives up.",
     )
+    near_duplicate_cosine: float = Field(
+        default=DEFAULT_NEAR_DUPLICATE_COSINE,
+        description="The near_duplicate_templates check warns about two templates whose vectors have at least "
+        f"this cosine similarity (default {DEFAULT_NEAR_DUPLICATE_COSINE}; env {NEAR_DUPLICATE_COSINE_VAR}).",
+    )
 
     @contextmanager
     def open(self) -> Iterator[EmbeddingStore]:
@@ -182,7 +187,7 @@ def build_resources(config: Settings) -> dict[str, dg.ConfigurableResource | dg.
             config_path=config.model_versions_path,
             openai_api_key=dg.EnvVar(DEFAULT_API_KEY_ENV) if DEFAULT_API_KEY_ENV in os.environ else None,
         ),
-        "store": StoreResource(url=store_url_config(config)),
+        "store": StoreResource(url=store_url_config(config), near_duplicate_cosine=config.near_duplicate_cosine),
         "store_io_manager": EmbeddingStoreIOManager(url=store_url_config(config)),
         "io_manager": IntermediateIOManager(),
         "validation_queries": ValidationQueries(path=config.validation_queries_path),

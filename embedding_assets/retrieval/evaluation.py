@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
+from embedding_assets.lib.embedders import Embedder
+from embedding_assets.lib.embedding_base import EmbeddingCost
+from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.retrieval import TemplateRetriever
+from embedding_assets.store import EmbeddingStore
 
 FIRST_DATA_ROW = 2  # sheet row of the first template, below the header
 _ROW_LABEL = re.compile(r"^[A-Za-z]+_(\d+)$")
@@ -191,28 +198,39 @@ def label_mode_for(labels: Sequence[str], template_ids: set[str]) -> str:
     return "id"
 
 
+class LabelPositions:
+    """Where the templates a query's labels name sit in a list of templates (by id, or by sheet row)."""
+
+    def __init__(self, templates: Sequence, label_mode: str):
+        self.label_mode = label_mode
+        self._by_id = {t.template_id: i for i, t in enumerate(templates)}
+        self._by_row = {t.source_row: i for i, t in enumerate(templates)} if label_mode == "row" else {}
+
+    def of(self, query: LabelledQuery) -> list[int]:
+        if self.label_mode == "row":
+            rows = (_ROW_LABEL.match(label) for label in query.gold)
+            return [self._by_row[r] for r in (int(m.group(1)) + FIRST_DATA_ROW for m in rows if m) if r in self._by_row]
+        return [self._by_id[label] for label in query.gold if label in self._by_id]
+
+
 def evaluate(retriever: TemplateRetriever, queries: Sequence[LabelledQuery], *, queries_file: str = "",
-             label_mode: str = "auto") -> Evaluation:
-    """Rank every template for every query on one index (one store generation) and record where the label landed."""
+             label_mode: str = "auto", query_vectors: Mapping[str, np.ndarray] | None = None) -> Evaluation:
+    """Rank every template for every query on one index (one store generation) and record where the label landed.
+
+    `query_vectors` (query text -> its vector by the index's embedder) spares the embedder those queries.
+    """
     index = retriever.index
     templates = index.templates()
     ids = [t.template_id for t in templates]
     position_by_id = {tid: i for i, tid in enumerate(ids)}
-    position_by_row = {t.source_row: i for i, t in enumerate(templates)}
     if label_mode == "auto":
         label_mode = label_mode_for([q.label for q in queries], set(ids))
+    vectors = query_vectors or {}
+    labels = LabelPositions(templates, label_mode)
     outcomes = []
     for q in queries:
-        positions = []
-        for label in q.gold:
-            if label_mode == "row":
-                match = _ROW_LABEL.match(label)
-                position = position_by_row.get(int(match.group(1)) + FIRST_DATA_ROW) if match else None
-            else:
-                position = position_by_id.get(label)
-            if position is not None:
-                positions.append(position)
-        hits = index.search(q.query, top_k=len(ids))
+        positions = labels.of(q)
+        hits = index.search(q.query, top_k=len(ids), query_vector=vectors.get(q.query))
         gold = {templates[p].template_id for p in positions}
         rank = next((h.rank for h in hits if h.template_id in gold), None)
         best = next((h.template_id for h in hits if h.template_id in gold), None)
@@ -234,6 +252,64 @@ def evaluate(retriever: TemplateRetriever, queries: Sequence[LabelledQuery], *, 
         queries_file=queries_file, label_mode=label_mode, model_version=index.identity.model_version,
         templates=len(ids), outcomes=outcomes,
     )
+
+
+def query_hash(text: str) -> str:
+    """The cache key of a query's vector: apart from passages', which hash the embedded passage text."""
+    return hashlib.sha256(f"query\n{text}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class QueryVectors:
+    """Query vectors of one model version, and what fetching the missing ones cost."""
+
+    vectors: dict[str, np.ndarray]
+    """By query text."""
+    requests: int
+    embedded: int
+
+
+def cached_query_vectors(
+    store: EmbeddingStore, version: ModelVersion, texts: Sequence[str], embedder: Callable[[], Embedder]
+) -> QueryVectors:
+    """The version's vectors of `texts` from the store's cache; only the missing ones are embedded (and cached)."""
+    hashes = {text: query_hash(text) for text in texts}
+    cache = store.cache(version)
+    found = cache.get(sorted(set(hashes.values())))
+    missing = sorted(text for text, digest in hashes.items() if digest not in found)
+    requests = 0
+    if missing:
+        model = embedder()
+        before = replace(model.cost) if isinstance(getattr(model, "cost", None), EmbeddingCost) else None
+        fresh = {hashes[text]: np.asarray(model.embed_query(text), dtype=np.float32) for text in missing}
+        cache.put(fresh)
+        found.update(fresh)
+        requests = model.cost.since(before).requests if before is not None else len(missing)
+    return QueryVectors({text: found[digest] for text, digest in hashes.items()}, requests, len(missing))
+
+
+def top_changes(
+    before: Mapping[str, Sequence[str]], after: Mapping[str, Sequence[str]], queries: Sequence[LabelledQuery],
+    k: int = 3,
+) -> list[dict]:
+    """The queries whose top-k template ids differ between two rankings, and whether each gained or lost its gold.
+
+    A query missing from either ranking is left out (it was not evaluated on both).
+    """
+    changes = []
+    for q in queries:
+        if q.query_id not in before or q.query_id not in after:
+            continue
+        old, new = list(before[q.query_id])[:k], list(after[q.query_id])[:k]
+        if old == new:
+            continue
+        gold = set(q.gold)
+        had, has = bool(gold & set(old)), bool(gold & set(new))
+        changes.append({
+            "query_id": q.query_id, "query": q.query, "before": old, "after": new,
+            "gold": "gained" if has and not had else "lost" if had and not has else "kept" if has else "missed",
+        })
+    return changes
 
 
 def compare(before: Evaluation, after: Evaluation) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class QualityReport:
     hits: int
     without_template: list[str]
     misses: list[str]
+    top_ids: dict[str, list[str]] = field(default_factory=dict)
+    """Each evaluated query's top-k template ids, by query id."""
 
     @property
     def accuracy(self) -> float | None:
@@ -48,11 +50,13 @@ def top_k_accuracy(
 ) -> QualityReport:
     """Share of queries whose labelled template is among `search`'s top k ids."""
     answerable = [q for q in queries if q.template_id in published_ids]
-    misses = [q.query_id for q in answerable if q.template_id not in search(q.query, top_k)]
+    top_ids = {q.query_id: list(search(q.query, top_k)) for q in answerable}
+    misses = [q.query_id for q in answerable if q.template_id not in top_ids[q.query_id]]
     return QualityReport(
         top_k=top_k,
         evaluated=len(answerable),
         hits=len(answerable) - len(misses),
         without_template=[q.query_id for q in queries if q.template_id not in published_ids],
         misses=misses,
+        top_ids=top_ids,
     )
