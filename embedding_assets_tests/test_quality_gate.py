@@ -251,11 +251,13 @@ def edited(first_run, tmp_path_factory):
     duplicate[question_column] = original[question_column].rstrip("?") + ", подскажите?"
     write_rows(faq, [*rows, duplicate])
     changed = run_pipeline(faq, store, instance=instance, checks=store_checks())
-    return unchanged, changed, before, _top3(store), original[0]
+    after = _top3(store)
+    again = run_pipeline(faq, store, instance=instance, checks=store_checks())
+    return unchanged, changed, before, after, original[0], again
 
 
 def test_the_run_of_an_edit_lists_exactly_the_queries_whose_top3_changed(edited) -> None:
-    unchanged, changed, before, after, _ = edited
+    unchanged, changed, before, after, _, _ = edited
     assert changed.result.success, failure_message(changed.result)
     assert changed.embedded_texts and len(changed.embedded_texts) == 1
     first = {k: v.value for k, v in unchanged.checks["retrieval_quality"].metadata.items()}
@@ -278,11 +280,13 @@ def test_the_run_of_an_edit_lists_exactly_the_queries_whose_top3_changed(edited)
 
 
 def test_near_duplicate_check_finds_the_injected_pair_and_nothing_else_on_the_sample(edited) -> None:
-    unchanged, changed, _, _, original_id = edited
+    unchanged, changed, _, _, original_id, again = edited
     clean = unchanged.checks["near_duplicate_templates"]
     assert clean.passed and clean.severity == dg.AssetCheckSeverity.WARN
-    assert {k: v.value for k, v in clean.metadata.items()} == {
-        "threshold": 0.98, "templates": 90, "pair_count": 0, "pairs": [], "requests": 0,
+    clean_metadata = {k: v.value for k, v in clean.metadata.items()}
+    store_id = clean_metadata.pop("evaluated_state").split(":")[0]
+    assert clean_metadata == {
+        "threshold": 0.98, "templates": 90, "pair_count": 0, "pairs": [], "requests": 0, "reevaluated": True,
     }
 
     found = changed.checks["near_duplicate_templates"]
@@ -294,6 +298,12 @@ def test_near_duplicate_check_finds_the_injected_pair_and_nothing_else_on_the_sa
     assert {pair["first_id"], pair["second_id"]} == {original_id, "DUP-001"}
     assert pair["model_version"] == KEY and 0.98 <= pair["cosine"] <= 1.0
     assert found.description == "1 pair(s) of templates with vectors at cosine >= 0.98"
+    assert metadata["evaluated_state"] == f"{store_id}: {KEY}@2; cosine >= 0.98"
+
+    # a rerun on the same generation repeats the result without reading the vectors again
+    repeated = again.checks["near_duplicate_templates"]
+    assert (repeated.passed, repeated.description) == (False, found.description)
+    assert {k: v.value for k, v in repeated.metadata.items()} == {**metadata, "reevaluated": False}
 
 
 # --- every answer names its source -------------------------------------------------------------------

@@ -117,7 +117,17 @@ def build_store_checks() -> list[dg.AssetChecksDefinition]:
         threshold = store.near_duplicate_cosine
         pairs, total, templates = [], 0, 0
         with store.open() as opened:
-            for version in _checked_versions(context, models, opened):
+            versions = _checked_versions(context, models, opened)
+            generations = ", ".join(f"{v.key}@{getattr(opened.version(v.key), 'generation', None)}" for v in versions)
+            evaluated_state = f"{opened.state().store_id}: {generations}; cosine >= {threshold}"
+            for previous in _recent_evaluations(context, "near_duplicate_templates"):
+                if getattr(previous.metadata.get("evaluated_state"), "value", None) == evaluated_state:
+                    context.log.info(f"near_duplicate_templates: {generations} unchanged; kept the last result")
+                    return dg.AssetCheckResult(
+                        passed=previous.passed, severity=dg.AssetCheckSeverity.WARN, description=previous.description,
+                        metadata={**previous.metadata, "reevaluated": dg.MetadataValue.bool(False)},
+                    )
+            for version in versions:
                 snapshot = opened.snapshot(version.key)
                 found = near_duplicate_pairs(snapshot.matrix, threshold, limit=NEAR_DUPLICATES_LISTED)
                 total += found.total
@@ -141,6 +151,8 @@ def build_store_checks() -> list[dg.AssetChecksDefinition]:
                 "pair_count": dg.MetadataValue.int(total),
                 "pairs": dg.MetadataValue.json(pairs),
                 "requests": dg.MetadataValue.int(0),
+                "evaluated_state": dg.MetadataValue.text(evaluated_state),
+                "reevaluated": dg.MetadataValue.bool(True),
             },
         )
 
@@ -306,9 +318,11 @@ def _previous_ranking(recent: list[dg.AssetCheckEvaluation], key: str, fingerpri
     return None
 
 
-def _recent_evaluations(context: dg.AssetCheckExecutionContext) -> list[dg.AssetCheckEvaluation]:
+def _recent_evaluations(
+    context: dg.AssetCheckExecutionContext, check: str = "retrieval_quality"
+) -> list[dg.AssetCheckEvaluation]:
     """The check's latest evaluations, newest first."""
-    key = dg.AssetCheckKey(dg.AssetKey("embedding_store"), "retrieval_quality")
+    key = dg.AssetCheckKey(dg.AssetKey("embedding_store"), check)
     records = context.instance.event_log_storage.get_asset_check_execution_history(key, limit=PREVIOUS_EVALUATIONS)
     evaluations = []
     for record in records:
