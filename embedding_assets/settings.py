@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from embedding_assets.lib.plan import DEFAULT_MAX_REEMBED_SHARE, BudgetLimits
 from embedding_assets.store import DEFAULT_STORE_URL
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -17,6 +19,8 @@ VALIDATION_QUERIES_VAR = "EMBEDDING_ASSETS_VALIDATION_QUERIES"
 SENSOR_INTERVAL_VAR = "EMBEDDING_ASSETS_SENSOR_INTERVAL"
 VERIFY_CRON_VAR = "EMBEDDING_ASSETS_VERIFY_CRON"
 VERIFY_TIMEZONE_VAR = "EMBEDDING_ASSETS_VERIFY_TIMEZONE"
+MAX_REEMBED_SHARE_VAR = "EMBEDDING_ASSETS_MAX_REEMBED_SHARE"
+MAX_REEMBED_TOKENS_VAR = "EMBEDDING_ASSETS_MAX_REEMBED_TOKENS"
 DEFAULT_FAQ_PATH = "data/faq.xlsx"
 CONFIG_VAR = "EMBEDDING_ASSETS_CONFIG"
 DEFAULT_CONFIG_PATH = "embedding_assets.toml"
@@ -119,6 +123,34 @@ def verify_timezone() -> str:
     return os.environ.get(VERIFY_TIMEZONE_VAR, DEFAULT_VERIFY_TIMEZONE)
 
 
+def budget_limits() -> BudgetLimits:
+    """The budget guard's limits: EMBEDDING_ASSETS_MAX_REEMBED_SHARE and _TOKENS, else the defaults."""
+    share_text = os.environ.get(MAX_REEMBED_SHARE_VAR, "").strip()
+    tokens_text = os.environ.get(MAX_REEMBED_TOKENS_VAR, "").strip()
+    share, tokens = DEFAULT_MAX_REEMBED_SHARE, None
+    if share_text:
+        try:
+            share = float(share_text)
+        except ValueError:
+            share = math.nan
+        if not 0 <= share <= 1:
+            raise ValueError(
+                f"{MAX_REEMBED_SHARE_VAR} must be a share from 0 to 1 (0.5 is half of a version's templates), "
+                f"not {share_text!r}"
+            )
+    if tokens_text:
+        try:
+            tokens = int(tokens_text)
+        except ValueError:
+            tokens = 0
+        if tokens < 1:
+            raise ValueError(
+                f"{MAX_REEMBED_TOKENS_VAR} must be a whole number of tokens, 1 or more (unset: no limit), "
+                f"not {tokens_text!r}"
+            )
+    return BudgetLimits(share, tokens)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the Dagster definitions take from the environment, read once by their entry point."""
@@ -132,6 +164,7 @@ class Settings:
     sensor_interval_seconds: int
     verify_cron: str
     verify_timezone: str
+    budget: BudgetLimits = BudgetLimits()
 
     @classmethod
     def from_environment(cls) -> Settings:
@@ -146,6 +179,7 @@ class Settings:
             sensor_interval_seconds=sensor_interval_seconds(),
             verify_cron=verify_cron(),
             verify_timezone=verify_timezone(),
+            budget=budget_limits(),
         )
 
 
