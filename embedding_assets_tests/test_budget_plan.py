@@ -42,7 +42,10 @@ def write_versions(path: Path, base_url: str) -> Path:
     path.write_text(
         f'[[model_version]]\nkey = "{KEY}"\nprovider = "openai"\nmodel = "fake-embed"\ndimension = 8\n'
         f'batch_size = {BATCH}\nsettings = {{ base_url = "{base_url}", concurrency = 1, max_attempts = 1, '
-        'timeout = 30, passage_input_type = "passage", query_input_type = "query" }\n',
+        'timeout = 30, passage_input_type = "passage", query_input_type = "query" }\n'
+        # a second partition: the check must read the change plan of the run's own one
+        f'\n[[model_version]]\nkey = "fake-v2"\nprovider = "openai"\nmodel = "fake-embed-2"\ndimension = 8\n'
+        f'active = false\nsettings = {{ base_url = "{base_url}" }}\n',
         encoding="utf-8",
     )
     return path
