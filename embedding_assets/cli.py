@@ -130,19 +130,32 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Rebuild from scratch: re-embed every template, bypassing the cache.")
 @click.option("--approve", is_flag=True, help="Let the run embed past the budget guard's limits (see `plan`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model version.")
-@faq_options
+@click.option("--faq", "faq_path", help=f"The FAQ file (default: {settings.FAQ_PATH_VAR}, the config's [faq] path, {settings.DEFAULT_FAQ_PATH}).")
+@click.option("--faq-sheet", help="The FAQ's sheet (default: the active sheet when visible, else the first visible one).")
 @store_option
-def materialize(model_key: str | None, force: bool, approve: bool, as_json: bool) -> None:
+def materialize(
+    model_key: str | None, force: bool, approve: bool, as_json: bool, faq_path: str | None, faq_sheet: str | None
+) -> None:
     """Run the embedding job in DAGSTER_HOME's instance (the runs show in the UI)."""
     settings.dagster_home()
+    for variable, value in ((settings.FAQ_PATH_VAR, faq_path), (settings.FAQ_SHEET_VAR, faq_sheet)):
+        if value:
+            os.environ[variable] = value
     _budget_limits()
     import dagster as dg
 
     from embedding_assets.definitions import defs
     from embedding_assets.defs.jobs import EMBED_FAQ_JOB
+    from embedding_assets.lib.model_versions import load_model_versions
     from embedding_assets.lib.progress import listening
 
-    keys = [version.key for version in _selected_versions(model_key)]
+    versions = load_model_versions(settings.model_versions_path())
+    if model_key is None:
+        keys = [v.key for v in versions if v.active]
+    elif model_key in {v.key for v in versions}:
+        keys = [model_key]
+    else:
+        raise click.UsageError(f"unknown model version {model_key!r}; declared: {', '.join(v.key for v in versions)}")
     job = defs().resolve_job_def(EMBED_FAQ_JOB)
     run_config = {**QUIET_LOGS, "ops": {"change_plan": {"config": {"force": force}}}}
     if approve or force:
