@@ -182,119 +182,6 @@ def materialize(
     sys.exit(exit_code)
 
 
-@main.command()
-@click.option("--model", "model_key", help="Model version key (default: every active version).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model version.")
-@faq_options
-@store_option
-def plan(model_key: str | None, as_json: bool) -> None:
-    """What `materialize` would embed and what it would cost; sends nothing to any embeddings API."""
-    from embedding_assets.lib.faq import FaqError
-    from embedding_assets.lib.hashing import hash_version_templates
-    from embedding_assets.lib.plan import build_change_plan, estimate_plan
-    from embedding_assets.store import StoreNotFoundError
-    from embedding_assets.store.base import mismatch_message
-
-    limits = _budget_limits()
-    versions = _selected_versions(model_key)
-    try:
-        templates = _read_faq()
-    except FaqError as exc:
-        raise click.ClickException(str(exc)) from None
-    url = settings.store_url()
-    try:
-        store = open_store(url, create=False)
-    except StoreNotFoundError:
-        store = None
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from None
-    try:
-        for version in versions:
-            stored, published = store.published(version.key) if store else (None, {})
-            change_plan = build_change_plan(
-                hash_version_templates(templates, version), published,
-                model_version=version.key, base_generation=stored.generation if stored else None,
-            )
-            estimate = estimate_plan(change_plan, version, store.cache(version) if store else None,
-                                     stored.rows if stored else 0)
-            stopped = None
-            if stored and stored.fingerprint != version.fingerprint():
-                stopped = mismatch_message(version, stored)
-            payload = {
-                "model_version": version.key,
-                **change_plan.counts(),
-                "base_generation": change_plan.base_generation,
-                "first_build": estimate.first_build,
-                **estimate.as_dict(),
-                "max_reembed_share": limits.max_share,
-                "max_reembed_tokens": limits.max_tokens,
-                "refused": limits.refusal(estimate),
-                "stopped": stopped,
-                "store": redact_url(url),
-            }
-            _emit(payload, as_json, plan_text(payload))
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        if store is not None:
-            store.close()
-
-
-def _selected_versions(model_key: str | None):
-    """The named model version, else every active one; an unknown key is a usage error."""
-    from embedding_assets.lib.model_versions import load_model_versions
-
-    versions = load_model_versions(settings.model_versions_path())
-    if model_key is None:
-        return [v for v in versions if v.active]
-    if model_key in {v.key for v in versions}:
-        return [v for v in versions if v.key == model_key]
-    raise click.UsageError(f"unknown model version {model_key!r}; declared: {', '.join(v.key for v in versions)}")
-
-
-def _read_faq():
-    """The FAQ's templates, read as the pipeline's `faq` resource reads them (same settings, same reader)."""
-    from embedding_assets.lib.faq import FaqColumns, read_faq
-
-    try:
-        found = settings.faq_workbook_settings()
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    defaults = FaqColumns()
-    columns = FaqColumns(**{
-        name: found.get(f"{'id' if name == 'template_id' else name}_column", getattr(defaults, name))
-        for name in FaqColumns.__dataclass_fields__
-    })
-    return read_faq(found["path"], columns, found.get("sheet"), found.get("header_row")).templates
-
-
-def plan_text(p: dict) -> str:
-    key = p["model_version"]
-    if p["stopped"]:
-        return f"{key}: a run would stop before embedding: {p['stopped']}"
-    against = (f"against generation {p['base_generation']} ({p['published_templates']} published templates)"
-               if not p["first_build"] else "first build: nothing published yet")
-    views = ", ".join(f"{name} {count}" for name, count in p["texts_by_view"].items())
-    lines = [
-        f"{key}: {p['new']} new, {p['modified']} modified, {p['deleted']} deleted, {p['unchanged']} unchanged "
-        f"({p['metadata_updated']} with updated fields), {against}",
-        f"{key}: {p['texts_to_embed']} text(s) to embed{f' ({views})' if views else ''} for "
-        f"{p['templates_to_embed']} template(s), {p['cache_hits']} of {p['texts_needed']} needed in the cache; "
-        f"about {p['estimated_tokens']} token(s) in {p['estimated_requests']} request(s) of up to "
-        f"{p['batch_size']} texts",
-    ]
-    if p["refused"]:
-        lines.append(f"{key}: materialize would be refused by the budget guard: {p['refused']}; "
-                     "approve it with `embedding-assets materialize --approve`")
-    elif p["first_build"]:
-        lines.append(f"{key}: budget guard: a first build is exempt from max_reembed_share")
-    else:
-        tokens = f", max_reembed_tokens {p['max_reembed_tokens']}" if p["max_reembed_tokens"] is not None else ""
-        lines.append(f"{key}: budget guard: within the limits ({p['reembed_share']:.1%} of the published templates; "
-                     f"max_reembed_share {p['max_reembed_share']:g}{tokens})")
-    return "\n".join(lines)
-
-
 class ProgressDisplay:
     """Embedding progress: a bar (texts, batches, rate, ETA) on a terminal, else one plain line per batch."""
 
@@ -589,6 +476,119 @@ def evaluate(queries_path: str | None, model_key: str | None, label_mode: str,
         _emit(compare(*results), as_json, comparison_report(*results))
     else:
         _emit(results[0].as_dict(), as_json, results[0].report())
+
+
+@main.command()
+@click.option("--model", "model_key", help="Model version key (default: every active version).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model version.")
+@faq_options
+@store_option
+def plan(model_key: str | None, as_json: bool) -> None:
+    """What `materialize` would embed and what it would cost; sends nothing to any embeddings API."""
+    from embedding_assets.lib.faq import FaqError
+    from embedding_assets.lib.hashing import hash_version_templates
+    from embedding_assets.lib.plan import build_change_plan, estimate_plan
+    from embedding_assets.store import StoreNotFoundError
+    from embedding_assets.store.base import mismatch_message
+
+    limits = _budget_limits()
+    versions = _selected_versions(model_key)
+    try:
+        templates = _read_faq()
+    except FaqError as exc:
+        raise click.ClickException(str(exc)) from None
+    url = settings.store_url()
+    try:
+        store = open_store(url, create=False)
+    except StoreNotFoundError:
+        store = None
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        for version in versions:
+            stored, published = store.published(version.key) if store else (None, {})
+            change_plan = build_change_plan(
+                hash_version_templates(templates, version), published,
+                model_version=version.key, base_generation=stored.generation if stored else None,
+            )
+            estimate = estimate_plan(change_plan, version, store.cache(version) if store else None,
+                                     stored.rows if stored else 0)
+            stopped = None
+            if stored and stored.fingerprint != version.fingerprint():
+                stopped = mismatch_message(version, stored)
+            payload = {
+                "model_version": version.key,
+                **change_plan.counts(),
+                "base_generation": change_plan.base_generation,
+                "first_build": estimate.first_build,
+                **estimate.as_dict(),
+                "max_reembed_share": limits.max_share,
+                "max_reembed_tokens": limits.max_tokens,
+                "refused": limits.refusal(estimate),
+                "stopped": stopped,
+                "store": redact_url(url),
+            }
+            _emit(payload, as_json, plan_text(payload))
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _selected_versions(model_key: str | None):
+    """The named model version, else every active one; an unknown key is a usage error."""
+    from embedding_assets.lib.model_versions import load_model_versions
+
+    versions = load_model_versions(settings.model_versions_path())
+    if model_key is None:
+        return [v for v in versions if v.active]
+    if model_key in {v.key for v in versions}:
+        return [v for v in versions if v.key == model_key]
+    raise click.UsageError(f"unknown model version {model_key!r}; declared: {', '.join(v.key for v in versions)}")
+
+
+def _read_faq():
+    """The FAQ's templates, read as the pipeline's `faq` resource reads them (same settings, same reader)."""
+    from embedding_assets.lib.faq import FaqColumns, read_faq
+
+    try:
+        found = settings.faq_workbook_settings()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    defaults = FaqColumns()
+    columns = FaqColumns(**{
+        name: found.get(f"{'id' if name == 'template_id' else name}_column", getattr(defaults, name))
+        for name in FaqColumns.__dataclass_fields__
+    })
+    return read_faq(found["path"], columns, found.get("sheet"), found.get("header_row")).templates
+
+
+def plan_text(p: dict) -> str:
+    key = p["model_version"]
+    if p["stopped"]:
+        return f"{key}: a run would stop before embedding: {p['stopped']}"
+    against = (f"against generation {p['base_generation']} ({p['published_templates']} published templates)"
+               if not p["first_build"] else "first build: nothing published yet")
+    views = ", ".join(f"{name} {count}" for name, count in p["texts_by_view"].items())
+    lines = [
+        f"{key}: {p['new']} new, {p['modified']} modified, {p['deleted']} deleted, {p['unchanged']} unchanged "
+        f"({p['metadata_updated']} with updated fields), {against}",
+        f"{key}: {p['texts_to_embed']} text(s) to embed{f' ({views})' if views else ''} for "
+        f"{p['templates_to_embed']} template(s), {p['cache_hits']} of {p['texts_needed']} needed in the cache; "
+        f"about {p['estimated_tokens']} token(s) in {p['estimated_requests']} request(s) of up to "
+        f"{p['batch_size']} texts",
+    ]
+    if p["refused"]:
+        lines.append(f"{key}: materialize would be refused by the budget guard: {p['refused']}; "
+                     "approve it with `embedding-assets materialize --approve`")
+    elif p["first_build"]:
+        lines.append(f"{key}: budget guard: a first build is exempt from max_reembed_share")
+    else:
+        tokens = f", max_reembed_tokens {p['max_reembed_tokens']}" if p["max_reembed_tokens"] is not None else ""
+        lines.append(f"{key}: budget guard: within the limits ({p['reembed_share']:.1%} of the published templates; "
+                     f"max_reembed_share {p['max_reembed_share']:g}{tokens})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
