@@ -28,6 +28,7 @@ EXIT_RUN_FAILED = 1  # a run failed before publishing: the store is unchanged
 EXIT_USAGE = 2  # click's code for a bad option or argument
 EXIT_FAILED_AFTER_PUBLISH = 3  # a run published a new generation, then a later step (a check) failed
 EXIT_PROMOTION_REFUSED = 4  # `versions promote`: the candidate's top-3 is lower than the current version's
+EXIT_BUDGET_REFUSED = 5  # the budget guard refused a run before it embedded anything: the store is unchanged
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
@@ -43,6 +44,35 @@ def store_option(command):
         "--store", "store_url", expose_value=False, callback=use_store, is_eager=True,
         help=f"Store URL (default: {settings.STORE_VAR} or data/embeddings.db).",
     )(command)
+
+
+def faq_options(command):
+    """`--faq PATH` and `--faq-sheet NAME`: the FAQ a command reads (they set the variables the settings read)."""
+
+    def use_faq(variable: str):
+        def callback(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
+            if value:
+                os.environ[variable] = value
+            return value
+
+        return callback
+
+    command = click.option(
+        "--faq-sheet", expose_value=False, callback=use_faq(settings.FAQ_SHEET_VAR),
+        help="The FAQ's sheet (default: the active sheet when visible, else the first visible one).",
+    )(command)
+    return click.option(
+        "--faq", expose_value=False, callback=use_faq(settings.FAQ_PATH_VAR),
+        help=f"The FAQ file (default: {settings.FAQ_PATH_VAR}, the config's [faq] path, {settings.DEFAULT_FAQ_PATH}).",
+    )(command)
+
+
+def _budget_limits():
+    """The budget guard's limits from the environment; a bad value is a usage error."""
+    try:
+        return settings.budget_limits()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _emit(payload: object, as_json: bool, text: str) -> None:
@@ -93,6 +123,7 @@ def main() -> None:
       2  usage error (unknown option, bad value, unknown model version)
       3  `materialize` published a new generation, then a later step (a check) failed
       4  `versions promote` refused a version whose top-3 is lower than the current one's
+      5  `materialize` was refused by the budget guard: nothing embedded, the store unchanged
     """
     # The local model's threads sleep between calls instead of spinning: on a busy machine spinning
     # threads made each query embedding many times slower.
@@ -102,16 +133,20 @@ def main() -> None:
 @main.command()
 @click.option("--model", "model_key", help="Model version key (default: every active version).")
 @click.option("--force", is_flag=True, help="Rebuild from scratch: re-embed every template, bypassing the cache.")
+@click.option("--approve", is_flag=True, help="Let the run embed past the budget guard's limits (see `plan`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model version.")
 @click.option("--faq", "faq_path", help=f"The FAQ file (default: {settings.FAQ_PATH_VAR}, the config's [faq] path, {settings.DEFAULT_FAQ_PATH}).")
 @click.option("--faq-sheet", help="The FAQ's sheet (default: the active sheet when visible, else the first visible one).")
 @store_option
-def materialize(model_key: str | None, force: bool, as_json: bool, faq_path: str | None, faq_sheet: str | None) -> None:
+def materialize(
+    model_key: str | None, force: bool, approve: bool, as_json: bool, faq_path: str | None, faq_sheet: str | None
+) -> None:
     """Run the embedding job in DAGSTER_HOME's instance (the runs show in the UI)."""
     settings.dagster_home()
     for variable, value in ((settings.FAQ_PATH_VAR, faq_path), (settings.FAQ_SHEET_VAR, faq_sheet)):
         if value:
             os.environ[variable] = value
+    _budget_limits()
     import dagster as dg
 
     from embedding_assets.definitions import defs
@@ -128,6 +163,8 @@ def materialize(model_key: str | None, force: bool, as_json: bool, faq_path: str
         raise click.UsageError(f"unknown model version {model_key!r}; declared: {', '.join(v.key for v in versions)}")
     job = defs().resolve_job_def(EMBED_FAQ_JOB)
     run_config = {**QUIET_LOGS, "ops": {"change_plan": {"config": {"force": force}}}}
+    if approve or force:
+        run_config["resources"] = {"budget": {"config": {"approved": True}}}
     exit_code = EXIT_OK
     display = ProgressDisplay(terminal=sys.stdout.isatty())
     with dg.DagsterInstance.get() as instance, nullcontext() if as_json else listening(display):
@@ -141,7 +178,10 @@ def materialize(model_key: str | None, force: bool, as_json: bool, faq_path: str
                 _emit(report, as_json, summary_text(report))
             elif as_json:
                 _emit(report, as_json, "")
-            if not report["success"]:
+            if report["refused"]:
+                exit_code = max(exit_code, EXIT_BUDGET_REFUSED)
+                click.echo(refusal_text(report), err=True)
+            elif not report["success"]:
                 exit_code = max(exit_code, EXIT_FAILED_AFTER_PUBLISH if report["published"] else EXIT_RUN_FAILED)
                 click.echo(failure_text(report), err=True)
     for warning in stale_current_warnings(settings.store_url(), versions):
@@ -194,6 +234,8 @@ class ProgressDisplay:
 
 def run_report(key: str, result) -> dict:
     """What a run did, from its events: the plan, the embedding cost, what it published, and its errors."""
+    from embedding_assets.defs.budget import BUDGET_CHECK
+
     counts = result.output_for_node("change_plan").counts() if result.is_node_success("change_plan") else {}
     embedded: dict = {}
     published: dict = {}
@@ -207,7 +249,10 @@ def run_report(key: str, result) -> dict:
             published = values
     check_cost = {"requests": 0, "inputs": 0}
     changed_queries = None
+    refused = None
     for evaluation in result.get_asset_check_evaluations():
+        if evaluation.check_name == BUDGET_CHECK and not evaluation.passed:
+            refused = (evaluation.description or "").removeprefix(f"{key}: ")
         for item, field in (("requests", "requests"), ("inputs", "query_vectors_embedded")):
             if field in evaluation.metadata:
                 check_cost[item] += int(evaluation.metadata[field].value)
@@ -231,6 +276,7 @@ def run_report(key: str, result) -> dict:
         "current": published.get("current_version"),
         "store": published.get("store"),
         "errors": run_failures(result) if not result.success else [],
+        "refused": refused,
         "run_id": result.run_id,
         "changed_queries": changed_queries,
     }
@@ -262,6 +308,14 @@ def failure_text(c: dict) -> str:
     else:
         lines.append(f"{key}: the published store is unchanged (run {c['run_id']})")
     return "\n".join(lines)
+
+
+def refusal_text(c: dict) -> str:
+    key = c["model_version"]
+    return (
+        f"{key}: refused by the budget guard: {c['refused']}\n"
+        f"{key}: nothing was embedded and the published store is unchanged (run {c['run_id']})"
+    )
 
 
 @contextmanager
@@ -529,6 +583,119 @@ def evaluate(queries_path: str | None, model_key: str | None, label_mode: str,
         _emit(compare(*results), as_json, comparison_report(*results))
     else:
         _emit(results[0].as_dict(), as_json, results[0].report())
+
+
+@main.command()
+@click.option("--model", "model_key", help="Model version key (default: every active version).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model version.")
+@faq_options
+@store_option
+def plan(model_key: str | None, as_json: bool) -> None:
+    """What `materialize` would embed and what it would cost; sends nothing to any embeddings API."""
+    from embedding_assets.lib.faq import FaqError
+    from embedding_assets.lib.hashing import hash_version_templates
+    from embedding_assets.lib.plan import build_change_plan, estimate_plan
+    from embedding_assets.store import StoreNotFoundError
+    from embedding_assets.store.base import mismatch_message
+
+    limits = _budget_limits()
+    versions = _selected_versions(model_key)
+    try:
+        templates = _read_faq()
+    except FaqError as exc:
+        raise click.ClickException(str(exc)) from None
+    url = settings.store_url()
+    try:
+        store = open_store(url, create=False)
+    except StoreNotFoundError:
+        store = None
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        for version in versions:
+            stored, published = store.published(version.key) if store else (None, {})
+            change_plan = build_change_plan(
+                hash_version_templates(templates, version), published,
+                model_version=version.key, base_generation=stored.generation if stored else None,
+            )
+            estimate = estimate_plan(change_plan, version, store.cache(version) if store else None,
+                                     stored.rows if stored else 0)
+            stopped = None
+            if stored and stored.fingerprint != version.fingerprint():
+                stopped = mismatch_message(version, stored)
+            payload = {
+                "model_version": version.key,
+                **change_plan.counts(),
+                "base_generation": change_plan.base_generation,
+                "first_build": estimate.first_build,
+                **estimate.as_dict(),
+                "max_reembed_share": limits.max_share,
+                "max_reembed_tokens": limits.max_tokens,
+                "refused": limits.refusal(estimate),
+                "stopped": stopped,
+                "store": redact_url(url),
+            }
+            _emit(payload, as_json, plan_text(payload))
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _selected_versions(model_key: str | None):
+    """The named model version, else every active one; an unknown key is a usage error."""
+    from embedding_assets.lib.model_versions import load_model_versions
+
+    versions = load_model_versions(settings.model_versions_path())
+    if model_key is None:
+        return [v for v in versions if v.active]
+    if model_key in {v.key for v in versions}:
+        return [v for v in versions if v.key == model_key]
+    raise click.UsageError(f"unknown model version {model_key!r}; declared: {', '.join(v.key for v in versions)}")
+
+
+def _read_faq():
+    """The FAQ's templates, read as the pipeline's `faq` resource reads them (same settings, same reader)."""
+    from embedding_assets.lib.faq import FaqColumns, read_faq
+
+    try:
+        found = settings.faq_workbook_settings()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    defaults = FaqColumns()
+    columns = FaqColumns(**{
+        name: found.get(f"{'id' if name == 'template_id' else name}_column", getattr(defaults, name))
+        for name in FaqColumns.__dataclass_fields__
+    })
+    return read_faq(found["path"], columns, found.get("sheet"), found.get("header_row")).templates
+
+
+def plan_text(p: dict) -> str:
+    key = p["model_version"]
+    if p["stopped"]:
+        return f"{key}: a run would stop before embedding: {p['stopped']}"
+    against = (f"against generation {p['base_generation']} ({p['published_templates']} published templates)"
+               if not p["first_build"] else "first build: nothing published yet")
+    views = ", ".join(f"{name} {count}" for name, count in p["texts_by_view"].items())
+    lines = [
+        f"{key}: {p['new']} new, {p['modified']} modified, {p['deleted']} deleted, {p['unchanged']} unchanged "
+        f"({p['metadata_updated']} with updated fields), {against}",
+        f"{key}: {p['texts_to_embed']} text(s) to embed{f' ({views})' if views else ''} for "
+        f"{p['templates_to_embed']} template(s), {p['cache_hits']} of {p['texts_needed']} needed in the cache; "
+        f"about {p['estimated_tokens']} token(s) in {p['estimated_requests']} request(s) of up to "
+        f"{p['batch_size']} texts",
+    ]
+    if p["refused"]:
+        lines.append(f"{key}: materialize would be refused by the budget guard: {p['refused']}; "
+                     "approve it with `embedding-assets materialize --approve`")
+    elif p["first_build"]:
+        lines.append(f"{key}: budget guard: a first build is exempt from max_reembed_share")
+    else:
+        tokens = f", max_reembed_tokens {p['max_reembed_tokens']}" if p["max_reembed_tokens"] is not None else ""
+        lines.append(f"{key}: budget guard: within the limits ({p['reembed_share']:.1%} of the published templates; "
+                     f"max_reembed_share {p['max_reembed_share']:g}{tokens})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 import dagster as dg
 
 from embedding_assets.defs.assets import build_assets
+from embedding_assets.defs.budget import build_budget_check
 from embedding_assets.defs.checks import build_store_checks, faq_content
 from embedding_assets.defs.jobs import build_embed_faq_job
 from embedding_assets.defs.partitions import model_version_partitions
@@ -21,7 +22,7 @@ def build_definitions(config: Settings) -> dg.Definitions:
     job = build_embed_faq_job(catalog)
     return dg.Definitions(
         assets=build_assets(partitions, store_backend(config.store_url)),
-        asset_checks=[faq_content, *build_store_checks()],
+        asset_checks=[faq_content, build_budget_check(partitions), *build_store_checks()],
         jobs=[job, promote_model_version_job, rollback_model_version_job],
         sensors=[build_faq_sensor(job, catalog, config.sensor_interval_seconds)],
         schedules=[build_store_verification(job, catalog, config.verify_cron, config.verify_timezone)],

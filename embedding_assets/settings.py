@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from embedding_assets.lib.plan import DEFAULT_MAX_REEMBED_SHARE, BudgetLimits
 from embedding_assets.store import DEFAULT_STORE_URL
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +22,8 @@ VERIFY_TIMEZONE_VAR = "EMBEDDING_ASSETS_VERIFY_TIMEZONE"
 NEAR_DUPLICATE_COSINE_VAR = "EMBEDDING_ASSETS_NEAR_DUPLICATE_COSINE"
 # Measured with e5-small: the bank FAQ's two restated answers are above it, the sample FAQ's closest pair is 0.944.
 DEFAULT_NEAR_DUPLICATE_COSINE = 0.98
+MAX_REEMBED_SHARE_VAR = "EMBEDDING_ASSETS_MAX_REEMBED_SHARE"
+MAX_REEMBED_TOKENS_VAR = "EMBEDDING_ASSETS_MAX_REEMBED_TOKENS"
 DEFAULT_FAQ_PATH = "data/faq.xlsx"
 CONFIG_VAR = "EMBEDDING_ASSETS_CONFIG"
 DEFAULT_CONFIG_PATH = "embedding_assets.toml"
@@ -132,6 +136,32 @@ def near_duplicate_cosine() -> float:
     if not -1.0 <= value <= 1.0:
         raise ValueError(f"{NEAR_DUPLICATE_COSINE_VAR} must be a cosine between -1 and 1, not {raw!r}")
     return value
+def budget_limits() -> BudgetLimits:
+    """The budget guard's limits: EMBEDDING_ASSETS_MAX_REEMBED_SHARE and _TOKENS, else the defaults."""
+    share_text = os.environ.get(MAX_REEMBED_SHARE_VAR, "").strip()
+    tokens_text = os.environ.get(MAX_REEMBED_TOKENS_VAR, "").strip()
+    share, tokens = DEFAULT_MAX_REEMBED_SHARE, None
+    if share_text:
+        try:
+            share = float(share_text)
+        except ValueError:
+            share = math.nan
+        if not 0 <= share <= 1:
+            raise ValueError(
+                f"{MAX_REEMBED_SHARE_VAR} must be a share from 0 to 1 (0.5 is half of a version's templates), "
+                f"not {share_text!r}"
+            )
+    if tokens_text:
+        try:
+            tokens = int(tokens_text)
+        except ValueError:
+            tokens = 0
+        if tokens < 1:
+            raise ValueError(
+                f"{MAX_REEMBED_TOKENS_VAR} must be a whole number of tokens, 1 or more (unset: no limit), "
+                f"not {tokens_text!r}"
+            )
+    return BudgetLimits(share, tokens)
 
 
 @dataclass(frozen=True)
@@ -148,6 +178,7 @@ class Settings:
     verify_cron: str
     verify_timezone: str
     near_duplicate_cosine: float = DEFAULT_NEAR_DUPLICATE_COSINE
+    budget: BudgetLimits = BudgetLimits()
 
     @classmethod
     def from_environment(cls) -> Settings:
@@ -163,6 +194,7 @@ class Settings:
             verify_cron=verify_cron(),
             verify_timezone=verify_timezone(),
             near_duplicate_cosine=near_duplicate_cosine(),
+            budget=budget_limits(),
         )
 
 

@@ -50,11 +50,13 @@ def test_the_sensor_and_the_schedule_start_running_and_the_checks_cover_the_chai
     checks = {(key.asset_key.to_user_string(), key.name) for key in graph.asset_check_keys}
     assert checks == {
         ("faq_templates", "faq_content"),
+        ("change_plan", "reembed_budget"),
         ("embedding_store", "store_matches_faq"),
         ("embedding_store", "retrieval_quality"),
         ("embedding_store", "near_duplicate_templates"),
     }
     assert graph.get_check_spec(dg.AssetCheckKey(dg.AssetKey("faq_templates"), "faq_content")).blocking
+    assert graph.get_check_spec(dg.AssetCheckKey(dg.AssetKey("change_plan"), "reembed_budget")).blocking
 
 
 def test_every_run_the_ui_sensor_or_schedule_launches_executes_in_one_process():

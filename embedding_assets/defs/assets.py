@@ -5,6 +5,7 @@ import dagster as dg
 import numpy as np
 from pydantic import Field
 
+from embedding_assets.defs.budget import estimate_metadata
 from embedding_assets.defs.io_managers import unhealthy_published_ids, writer_lock
 from embedding_assets.defs.jobs import GROUP
 from embedding_assets.defs.resources import FaqWorkbook, ModelCatalog, StoreResource
@@ -12,7 +13,7 @@ from embedding_assets.lib import progress
 from embedding_assets.lib.embedders import embed_with_cache
 from embedding_assets.lib.faq import Template
 from embedding_assets.lib.hashing import HashedTemplate, hash_version_templates
-from embedding_assets.lib.plan import ChangePlan, build_change_plan
+from embedding_assets.lib.plan import ChangePlan, build_change_plan, estimate_plan
 from embedding_assets.lib.verification import mark_for_repair
 from embedding_assets.lib.version_table import VersionTable, template_vectors
 from embedding_assets.store import ModelVersionMismatchError
@@ -122,7 +123,10 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
             base_generation=stored.generation if stored else None,
             rebuild=config.force,
         )
+        with store.open() as opened:
+            estimate = estimate_plan(plan, version, opened.cache(version), stored.rows if stored else 0)
         metadata = {name: dg.MetadataValue.int(count) for name, count in plan.counts().items()}
+        metadata.update(estimate_metadata(estimate))
         metadata.update(
             {
                 "to_embed": dg.MetadataValue.int(len(plan.texts_to_embed())),

@@ -10,10 +10,12 @@ from embedding_assets.lib.embedders import Embedder, embedder_for
 from embedding_assets.lib.faq import FaqColumns, FaqSheet, Template, read_faq
 from embedding_assets.lib.model_versions import ModelVersion, ModelVersionCatalog
 from embedding_assets.lib.openai_settings import DEFAULT_API_KEY_ENV, OpenAISettings
+from embedding_assets.lib.plan import DEFAULT_MAX_REEMBED_SHARE, BudgetLimits
 from embedding_assets.settings import DEFAULT_NEAR_DUPLICATE_COSINE, NEAR_DUPLICATE_COSINE_VAR, STORE_VAR, Settings
 from embedding_assets.store import EmbeddingStore, StoreCorruptError, open_store, open_store_for_rebuild
 
 __all__ = [
+    "EmbeddingBudget",
     "EmbeddingStoreIOManager",
     "FaqWorkbook",
     "IntermediateIOManager",
@@ -174,6 +176,29 @@ class ValidationQueries(dg.ConfigurableResource):
     min_accuracy: float = Field(default=0.7, description="Top-k accuracy below this is reported as a warning.")
 
 
+class EmbeddingBudget(dg.ConfigurableResource):
+    """How much one run may embed before the budget guard asks for approval."""
+
+    max_reembed_share: float = Field(
+        default=DEFAULT_MAX_REEMBED_SHARE,
+        description="Refuse a run that would embed more than this share (0 to 1) of a published version's "
+        "templates; a first build is exempt. Default: EMBEDDING_ASSETS_MAX_REEMBED_SHARE, else 0.5.",
+    )
+    max_reembed_tokens: int | None = Field(
+        default=None,
+        description="Refuse a run whose texts to embed are estimated at more than this many tokens (characters / 3), "
+        "first builds included. Default: EMBEDDING_ASSETS_MAX_REEMBED_TOKENS, else no limit.",
+    )
+    approved: bool = Field(
+        default=False,
+        description="Approve this run past both limits (what `embedding-assets materialize --approve` sets).",
+    )
+
+    def limits(self) -> BudgetLimits:
+        """The limits; ValueError names a value out of range."""
+        return BudgetLimits(self.max_reembed_share, self.max_reembed_tokens)
+
+
 def store_url_config(config: Settings) -> str | dg.EnvVar:
     """The store URL as an EnvVar when set, so a password in it never shows in config."""
     return dg.EnvVar(STORE_VAR) if config.store_url_from_environment else config.store_url
@@ -191,4 +216,7 @@ def build_resources(config: Settings) -> dict[str, dg.ConfigurableResource | dg.
         "store_io_manager": EmbeddingStoreIOManager(url=store_url_config(config)),
         "io_manager": IntermediateIOManager(),
         "validation_queries": ValidationQueries(path=config.validation_queries_path),
+        "budget": EmbeddingBudget(
+            max_reembed_share=config.budget.max_share, max_reembed_tokens=config.budget.max_tokens
+        ),
     }

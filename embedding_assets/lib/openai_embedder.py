@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import email.utils
 import json
-import math
 import os
 import random
 import threading
@@ -19,6 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
+from embedding_assets.lib.batching import CHARS_PER_TOKEN, approximate_tokens, plan_batches  # noqa: F401  (re-exported)
 from embedding_assets.lib.embedding_base import EmbeddingCost, EmbeddingError
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.openai_settings import (  # noqa: F401  (re-exported)
@@ -33,32 +33,12 @@ from embedding_assets.lib.redaction import redact
 NO_KEY = "no-key-configured"
 RETRYABLE_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 RETRY_AFTER_CEILING_S = 300.0
-CHARS_PER_TOKEN = 3  # a deliberate over-estimate for Cyrillic and Latin text alike
 SERVER_MESSAGE_CHARS = 200  # of a provider's error message, kept after redaction
 
 
 def api_key_from_environment(version: ModelVersion) -> str | None:
     """The key in the variable the version names (default OPENAI_API_KEY), or None when unset."""
     return os.environ.get(OpenAISettings.parse(version.settings).api_key_env) or None
-
-
-def approximate_tokens(text: str) -> int:
-    return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
-
-
-def plan_batches(texts: Sequence[str], max_inputs: int, max_tokens: int) -> list[tuple[int, int]]:
-    """Contiguous (start, end) slices holding at most max_inputs texts and about max_tokens tokens."""
-    batches: list[tuple[int, int]] = []
-    start, tokens = 0, 0
-    for i, text in enumerate(texts):
-        cost = approximate_tokens(text)
-        if i > start and (i - start >= max_inputs or tokens + cost > max_tokens):
-            batches.append((start, i))
-            start, tokens = i, 0
-        tokens += cost
-    if start < len(texts):
-        batches.append((start, len(texts)))
-    return batches
 
 
 class _Retryable(Exception):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from embedding_assets.lib.batching import approximate_tokens, plan_batches
+from embedding_assets.lib.embedding_base import VectorCache
 from embedding_assets.lib.hashing import HashedTemplate
+from embedding_assets.lib.model_versions import ModelVersion
+from embedding_assets.lib.openai_settings import OpenAISettings
 
 
 @dataclass(frozen=True)
@@ -100,3 +105,128 @@ def build_change_plan(
     return ChangePlan(
         model_version, base_generation, new, modified, unchanged, metadata_updated, deleted, base=published
     )
+
+
+@dataclass(frozen=True)
+class PlanEstimate:
+    """What embedding a change plan will send, worked out before anything is sent."""
+
+    model_version: str
+    published_templates: int
+    """Templates the version had published when the plan was made (0: a first build)."""
+    texts_needed: int
+    """Unique texts of the new and modified templates (one per view)."""
+    cache_hits: int
+    texts_to_embed: int
+    templates_to_embed: int
+    """New and modified templates with at least one text missing from the cache."""
+    tokens: int
+    """Estimated: characters / 3 of every text sent, the estimate the request batching uses."""
+    requests: int
+    """Embedding requests when none is retried."""
+    batch_size: int
+    texts_by_view: dict[str, int] = field(default_factory=dict)
+    """Texts to embed per view, for a version that declares views."""
+
+    @property
+    def first_build(self) -> bool:
+        return self.published_templates == 0
+
+    @property
+    def share(self) -> float | None:
+        """Templates to embed over published templates; None for a first build."""
+        return None if self.first_build else self.templates_to_embed / self.published_templates
+
+    def as_dict(self) -> dict:
+        return {
+            "published_templates": self.published_templates,
+            "texts_needed": self.texts_needed,
+            "cache_hits": self.cache_hits,
+            "texts_to_embed": self.texts_to_embed,
+            "templates_to_embed": self.templates_to_embed,
+            "reembed_share": None if self.share is None else round(self.share, 4),
+            "estimated_tokens": self.tokens,
+            "estimated_requests": self.requests,
+            "batch_size": self.batch_size,
+            "texts_by_view": dict(self.texts_by_view),
+        }
+
+
+def estimate_plan(
+    plan: ChangePlan, version: ModelVersion, cache: VectorCache | None, published_templates: int
+) -> PlanEstimate:
+    """The texts a run of `plan` embeds (what the cache lacks, as embed_with_cache looks it up) and their cost."""
+    texts = plan.texts_to_embed()
+    hits = cache.get(list(texts)) if texts and cache is not None and not plan.rebuild else {}
+    missing = [h for h in texts if h not in hits]
+    to_send = set(missing)
+    by_view: dict[str, int] = {}
+    counted: set[str] = set()
+    templates = 0
+    for item in (*plan.new, *plan.modified):
+        hashes = item.vector_hashes()
+        templates += any(h in to_send for h in hashes)
+        for view, text_hash in zip(version.text_views, hashes, strict=True):
+            if text_hash in to_send and text_hash not in counted:
+                counted.add(text_hash)
+                by_view[view.name] = by_view.get(view.name, 0) + 1
+    sent = [texts[h] for h in missing]
+    if version.provider == "openai":
+        openai_settings = OpenAISettings.parse(version.settings)
+        sent = [openai_settings.passage_prefix + text for text in sent]
+        requests = len(plan_batches(sent, version.batch_size, openai_settings.max_batch_tokens))
+    else:
+        requests = math.ceil(len(sent) / version.batch_size)
+    return PlanEstimate(
+        model_version=version.key,
+        published_templates=published_templates,
+        texts_needed=len(texts),
+        cache_hits=len(hits),
+        texts_to_embed=len(missing),
+        templates_to_embed=templates,
+        tokens=sum(approximate_tokens(text) for text in sent),
+        requests=requests,
+        batch_size=version.batch_size,
+        texts_by_view={name: by_view.get(name, 0) for name in (v.name for v in version.views)},
+    )
+
+
+DEFAULT_MAX_REEMBED_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class BudgetLimits:
+    """How much one run may embed without approval."""
+
+    max_share: float = DEFAULT_MAX_REEMBED_SHARE
+    """Of a published version's templates; a first build is exempt."""
+    max_tokens: int | None = None
+    """Estimated tokens of one run, first builds included; None: no limit."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_share, bool) or not 0 <= self.max_share <= 1:
+            raise ValueError(f"max_reembed_share must be a share from 0 to 1 (0.5 is half), not {self.max_share!r}")
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or self.max_tokens < 1):
+            raise ValueError(f"max_reembed_tokens must be a whole number of tokens, 1 or more, not {self.max_tokens!r}")
+
+    def refusal(self, estimate: PlanEstimate) -> str | None:
+        """Why a run of this estimate needs approval, with its numbers; None when it is within the limits."""
+        reasons = []
+        share = estimate.share
+        if share is not None and share > self.max_share:
+            reasons.append(
+                f"it would embed {estimate.templates_to_embed} of {estimate.published_templates} published "
+                f"templates ({share:.1%}; the limit is {_percent(self.max_share)})"
+            )
+        if self.max_tokens is not None and estimate.tokens > self.max_tokens:
+            reasons.append(f"about {estimate.tokens} tokens (the limit is {self.max_tokens})")
+        if not reasons:
+            return None
+        return (
+            f"{' and '.join(reasons)}: {estimate.texts_to_embed} text(s), about {estimate.tokens} tokens "
+            f"in {estimate.requests} request(s)"
+        )
+
+
+def _percent(share: float) -> str:
+    return f"{share * 100:g}%"
