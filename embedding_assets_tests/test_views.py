@@ -150,6 +150,30 @@ def test_memory_ranking_fuses_views_as_declared(server: FaultServer, tmp_path: P
             assert [h.score for h in hits] == pytest.approx([float(expected[i]) for i in order], abs=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["memory", "database"])
+def test_a_reload_swaps_in_an_index_whose_lexical_signal_is_built(server: FaultServer, mode: str, request) -> None:
+    _, viewed = versions(server)
+    version = replace(viewed, key="viewed-chars", lexical=LexicalSignal("char_ngrams", 0.5))
+    url = request.getfixturevalue("postgres_store_url" if mode == "database" else "sqlite_store_url")
+    templates = [make_template(n) for n in range(1, 13)]
+    with open_store(url) as store:
+        publish(store, version, templates)
+    retriever = TemplateRetriever.load(url, version.key, mode=mode)
+    try:
+        def signal():
+            index = retriever.index
+            return index._signal if mode == "memory" else index._signal[1]
+
+        assert not signal().built  # loading stays as fast as reading the rows
+        with open_store(url) as store:
+            publish(store, version, [*templates[:-1], replace(templates[-1], answer="Новый ответ.")])
+        assert retriever.reload_if_changed()
+        assert signal().built  # built before the swap: no query waits for it
+        assert [h.template_id for h in retriever.search("Новый ответ", top_k=1)] == ["T-12"]
+    finally:
+        retriever.close()
+
+
 def downgrade_to_schema_1(path: Path) -> None:
     """The store as this software wrote it before views: no template_views table, no ranking column."""
     conn = sqlite3.connect(path)

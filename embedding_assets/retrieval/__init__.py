@@ -129,11 +129,15 @@ class TemplateRetriever:
                 index = fresh
 
     def reload_if_changed(self) -> bool:
-        """Swap in a fresh index when the store's identity or generation changed (either way); True if so."""
+        """Swap in a fresh, prepared index when the store's identity or generation changed (either way); True if so.
+
+        Queries keep using the old index until the swap, so none waits for the new one's lexical index.
+        """
         with self._reload_lock:
             fresh = self._index.reloaded(self._pinned_version)
             if fresh is None:
                 return False
+            fresh.prepare()
             self._index = fresh
             return True
 

@@ -177,6 +177,10 @@ class DatabaseIndex:
         hits = tuple(SearchHit.of(rank, t, score) for rank, (t, score) in enumerate(ranked, start=1))
         return SearchResult(hits, self.identity)
 
+    def prepare(self) -> None:
+        if self._signal is not None:
+            self._signal[1].index()
+
     def _rank(self, query, top_k: int, category: str | None, subcategory: str | None, text: str = ""):
         if self._signal is None:
             with self.pool.connection() as store:

@@ -39,6 +39,10 @@ class LexicalSignal:
         self._index: CharNgramIndex | None = None
         self._lock = threading.Lock()
 
+    @property
+    def built(self) -> bool:
+        return self._index is not None
+
     def index(self) -> CharNgramIndex:
         """The n-gram index, built on first use (concurrent first queries build it once)."""
         if self._index is None:

@@ -103,6 +103,10 @@ class SearchIndex(Protocol):
 
     def info(self) -> dict: ...
 
+    def prepare(self) -> None:
+        """Build what the first query would otherwise build (the lexical index), so no query waits for it."""
+        ...
+
     def reloaded(self, model_version: str | None) -> SearchIndex | None:
         """A fresh index when the store's identity or generation differs from this one's, else None."""
         ...

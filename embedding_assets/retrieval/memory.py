@@ -117,6 +117,10 @@ class MemoryIndex:
             "search_mode": self.mode,
         }
 
+    def prepare(self) -> None:
+        if self._signal is not None:
+            self._signal.index()
+
     def reloaded(self, model_version: str | None) -> MemoryIndex | None:
         with open_store(self.store_url, create=False) as opened:
             state = opened.state()
