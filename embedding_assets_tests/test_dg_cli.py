@@ -55,7 +55,7 @@ def test_dg_list_defs_json(tmp_path: Path) -> None:
     assert all(asset["kinds"] and asset["description"] for asset in assets.values())
     assert {check["key"] for check in listed["asset_checks"]} == {
         "faq_templates:faq_content", "embedding_store:store_matches_faq", "embedding_store:retrieval_quality",
-        "embedding_store:near_duplicate_templates",
+        "embedding_store:near_duplicate_templates", "change_plan:reembed_budget",
     }
     assert "embed_faq" in {job["name"] for job in listed["jobs"]}
     assert [sensor["name"] for sensor in listed["sensors"]] == ["faq_changed"]
