@@ -17,7 +17,7 @@ from embedding_assets.lib.faq import Template
 from embedding_assets.lib.hashing import hash_version_templates
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import ChangePlan
-from embedding_assets.lib.verification import StoreReport, compare_table, unhealthy_vector_ids
+from embedding_assets.lib.verification import StoreReport, compare_published, unhealthy_vector_ids
 from embedding_assets.lib.version_table import MissingVectorsError, VersionTable
 from embedding_assets.store import (
     EmbeddingStore,
@@ -46,14 +46,19 @@ def read_version_table(store: EmbeddingStore, key: str) -> VersionTable | None:
         return None
     snapshot = store.snapshot(key)
     version = snapshot.version.to_model_version()
-    templates = []
-    for stored in snapshot.templates:
-        template = Template(
-            template_id=stored.template_id, category=stored.category, subcategory=stored.subcategory,
-            question=stored.question, answer=stored.answer, priority=stored.priority, audience=stored.audience,
-            source_row=stored.source_row,
-        )
-        templates.append(replace(hash_version_templates([template], version)[0], content_hash=stored.content_hash))
+    stored_templates = snapshot.templates
+    hashed = hash_version_templates(
+        [
+            Template(
+                template_id=stored.template_id, category=stored.category, subcategory=stored.subcategory,
+                question=stored.question, answer=stored.answer, priority=stored.priority, audience=stored.audience,
+                source_row=stored.source_row,
+            )
+            for stored in stored_templates
+        ],
+        version,
+    )
+    templates = [replace(item, content_hash=stored.content_hash) for item, stored in zip(hashed, stored_templates)]
     vectors = dict(zip(snapshot.columns["template_id"], snapshot.template_vectors()))
     return VersionTable(
         version=version, templates=tuple(templates), vectors=vectors, base_generation=snapshot.version.generation
@@ -102,21 +107,24 @@ def _listed_changes(plan: ChangePlan) -> str:
 
 
 def verify_published(store: EmbeddingStore, version: ModelVersion, templates: Sequence[Template]) -> StoreReport:
-    """A version's published slice compared with the FAQ's templates."""
+    """A version's published ids, content hashes and vectors compared with the FAQ's templates.
+
+    Reads the ids, hashes and vectors only (no other column), in one transaction.
+    """
     try:
-        table = read_version_table(store, version.key)
+        stored, hashes, ids, matrix = store.published_vectors(version.key)
     except StoreError as exc:
         return StoreReport(version.key, len(templates), unreadable=f"{version.key}: {exc}")
-    return compare_table(version, templates, table)
+    return compare_published(version, templates, stored.dimension if stored else None, hashes, ids, matrix)
 
 
 def unhealthy_published_ids(store: EmbeddingStore, key: str) -> list[str]:
     """Published ids whose vector must be republished; all of them when the vectors cannot be read."""
     try:
-        table = read_version_table(store, key)
+        _, _, ids, matrix = store.published_vectors(key)
     except StoreCorruptError:
-        return sorted(store.published(key)[1])
-    return unhealthy_vector_ids(table.template_ids, table.matrix()) if table else []
+        return sorted(store.published_hashes(key)[1])
+    return unhealthy_vector_ids(ids, matrix)
 
 
 @contextmanager

@@ -49,6 +49,8 @@ _SELECT_SCHEMA_1_VERSIONS = (
     f"SELECT {_SCHEMA_1_VERSION_COLUMNS} FROM model_versions WHERE key = ?",
 )
 _SELECT_TEMPLATES = f"SELECT {_TEMPLATE_COLUMNS} FROM templates WHERE model_version = ?"
+_SELECT_HASHES = "SELECT template_id, content_hash FROM templates WHERE model_version = ?"
+_SELECT_ID_VECTORS = "SELECT template_id, vector FROM templates WHERE model_version = ? ORDER BY template_id"
 _SELECT_SNAPSHOT = f"SELECT {_TEMPLATE_COLUMNS}, vector FROM templates WHERE model_version = ? ORDER BY template_id"
 _UPSERT_TEMPLATE = (
     f"INSERT INTO templates (model_version, {_TEMPLATE_COLUMNS}, vector) "
@@ -202,6 +204,17 @@ class SqliteSession:
     def templates(self, key: str) -> dict[str, StoredTemplate]:
         rows = self.conn.execute(_SELECT_TEMPLATES, (key,))
         return {r[0]: StoredTemplate(*r) for r in rows}
+
+    def template_hashes(self, key: str) -> dict[str, str]:
+        return dict(self.conn.execute(_SELECT_HASHES, (key,)))
+
+    def id_vectors(self, key: str, dimension: int) -> tuple[list[str], np.ndarray]:
+        rows = self.conn.execute(_SELECT_ID_VECTORS, (key,)).fetchall()
+        ids, blobs = (list(column) for column in zip(*rows)) if rows else ([], [])
+        blob = b"".join(blobs)
+        if len(blob) != len(rows) * dimension * 4:
+            raise StoreCorruptError(f"{self.location}: vectors of {key!r} do not all have dimension {dimension}")
+        return ids, np.frombuffer(blob, dtype="<f4").reshape(len(rows), dimension)
 
     def upsert_rows(self, key: str, rows: list[tuple], vectors: list[np.ndarray]) -> None:
         self.conn.executemany(
