@@ -209,12 +209,16 @@ class SqliteSession:
         return dict(self.conn.execute(_SELECT_HASHES, (key,)))
 
     def id_vectors(self, key: str, dimension: int) -> tuple[list[str], np.ndarray]:
-        rows = self.conn.execute(_SELECT_ID_VECTORS, (key,)).fetchall()
-        ids, blobs = (list(column) for column in zip(*rows)) if rows else ([], [])
-        blob = b"".join(blobs)
-        if len(blob) != len(rows) * dimension * 4:
-            raise StoreCorruptError(f"{self.location}: vectors of {key!r} do not all have dimension {dimension}")
-        return ids, np.frombuffer(blob, dtype="<f4").reshape(len(rows), dimension)
+        size = dimension * 4
+        data = bytearray(self.count(key) * size)  # filled row by row: the vectors are held once
+        filled = memoryview(data)
+        ids = []
+        for n, (template_id, blob) in enumerate(self.conn.execute(_SELECT_ID_VECTORS, (key,))):
+            if len(blob) != size:
+                raise StoreCorruptError(f"{self.location}: vectors of {key!r} do not all have dimension {dimension}")
+            filled[n * size : (n + 1) * size] = blob
+            ids.append(template_id)
+        return ids, np.frombuffer(data, dtype="<f4").reshape(len(ids), dimension)
 
     def upsert_rows(self, key: str, rows: list[tuple], vectors: list[np.ndarray]) -> None:
         self.conn.executemany(
