@@ -209,6 +209,10 @@ class IntermediateIOManager(dg.ConfigurableIOManager):
     names any more is deleted.
     """
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if context.run is not None:  # a run starts: an earlier run's outputs are no longer kept in memory
+            _forget_other_runs(context.run.run_id)
+
     def _pointer(self, context: dg.OutputContext | dg.InputContext, storage: Path) -> Path:
         return storage / "intermediates" / "pointers" / f"{_output_name(context)}.ref"
 

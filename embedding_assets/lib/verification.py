@@ -13,6 +13,7 @@ from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import StoredTemplate
 
 LISTED = 20
+_HASHED_AT_ONCE = 1000
 REPAIR_MARK = ""
 
 
@@ -72,7 +73,11 @@ def compare_store(
     matrix: np.ndarray,
 ) -> StoreReport:
     """Compare a version's published rows and vectors with the FAQ's templates."""
-    expected = {h.template_id: h.content_hash for h in hash_version_templates(list(templates), version)}
+    expected = {
+        h.template_id: h.content_hash
+        for start in range(0, len(templates), _HASHED_AT_ONCE)  # the rendered texts are held a chunk at a time
+        for h in hash_version_templates(list(templates[start : start + _HASHED_AT_ONCE]), version)
+    }
     stored = dict(zip(stored_ids, stored_hashes))
     if matrix.shape != (len(stored_ids), version.dimension):
         return StoreReport(
