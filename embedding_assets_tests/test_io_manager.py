@@ -9,7 +9,13 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from embedding_assets.defs.io_managers import EmbeddingStoreIOManager, read_version_table, write_version_table
+from embedding_assets.defs.io_managers import (
+    EmbeddingStoreIOManager,
+    read_version_table,
+    unhealthy_published_ids,
+    verify_published,
+    write_version_table,
+)
 from embedding_assets.lib.hashing import hash_templates
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import StoredTemplate
@@ -202,3 +208,17 @@ def test_a_table_changes_only_what_differs_from_the_published_slice(written, exp
     }
     counts = written.changes(published).counts()
     assert {k: counts[k] for k in expected} == expected
+
+
+def test_the_checks_read_ids_hashes_and_vectors_alone_on_both_backends(store_url):
+    written = table("a", 4)
+    materialize(store_url, "a", written)
+    with open_store(store_url) as store:
+        info, hashes, ids, matrix = store.published_vectors("a")
+        assert (info.key, ids) == ("a", ["T-1", "T-2", "T-3", "T-4"])
+        assert hashes == store.published_hashes("a")[1] == {t.template_id: t.content_hash for t in written.templates}
+        np.testing.assert_array_equal(matrix, written.matrix())
+        assert verify_published(store, VERSIONS["a"], [t.template for t in written.templates]).healthy
+        assert unhealthy_published_ids(store, "a") == []
+        assert store.published_vectors("b")[0] is None
+        assert store.published_hashes("b") == (None, {})

@@ -20,7 +20,11 @@ from embedding_assets.defs.resources import (
     StoreResource,
     ValidationQueries,
 )
+from embedding_assets.lib.faq import parse_faq
+from embedding_assets.lib.hashing import hash_version_templates
+from embedding_assets.lib.model_versions import ModelVersionCatalog
 from embedding_assets.settings import PROJECT_ROOT
+from embedding_assets.store import open_store
 from embedding_assets_tests.conftest import SAMPLE_FAQ, SAMPLE_QUERIES, read_rows, write_rows
 from embedding_assets_tests.openai_servers import FaultServer, Reply
 from embedding_assets_tests.pipeline import KEY, chain, failure_message, store_checks
@@ -204,3 +208,44 @@ def test_a_no_op_imports_neither_the_openai_client_nor_the_model(server, setup):
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout.strip().splitlines()[-1] == "[]"
     assert server.requests == []
+
+
+def test_a_later_run_of_the_last_steps_reads_the_plan_stored_as_positions_and_publishes_exactly_the_change(
+    server, setup
+):
+    faq, store, versions, queries, instance = setup
+    run(faq, store, versions, queries, instance)
+    rows = read_rows(faq)
+    rows[2][6] += " Изменено."
+    write_rows(faq, rows)
+    resources = {
+        "faq": FaqWorkbook(path=str(faq)),
+        "models": ModelCatalog(config_path=str(versions)),
+        "store": StoreResource(url=str(store)),
+        "store_io_manager": EmbeddingStoreIOManager(url=str(store)),
+        "io_manager": IntermediateIOManager(),
+        "validation_queries": ValidationQueries(path=str(queries)),
+    }
+    assets = chain(versions)
+    planned = dg.materialize(
+        assets, selection=["faq_templates", "template_hashes", "change_plan"], partition_key=KEY, instance=instance,
+        resources=resources,
+    )
+    plan_bytes = next(
+        e.event_specific_data.materialization.metadata["stored_bytes"].value
+        for e in planned.get_asset_materialization_events()
+        if e.event_specific_data.materialization.asset_key == dg.AssetKey("change_plan")
+    )
+    assert plan_bytes < 2000  # positions in the stored hashes, not 90 templates again
+    server.reset()
+
+    published = dg.materialize(
+        assets, selection=["template_embeddings", "embedding_store"], partition_key=KEY, instance=instance,
+        resources=resources,
+    )
+    assert published.success
+    assert len(server.inputs) == 1 and server.inputs[0].endswith("Изменено.")
+    with open_store(store, create=False) as opened:
+        _, hashes = opened.published_hashes(KEY)
+    expected = hash_version_templates(parse_faq(faq), ModelVersionCatalog.load(versions).get(KEY))
+    assert hashes == {h.template_id: h.content_hash for h in expected}

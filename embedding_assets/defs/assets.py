@@ -54,11 +54,28 @@ class _NoTexts:
 NO_TEXTS = _NoTexts()
 
 
+def list_type(name: str, item: type, description: str) -> dg.DagsterType:
+    """A list checked by its container and first item: Dagster's own `list[...]` check visits every item."""
+    return dg.DagsterType(
+        name=name,
+        description=description,
+        typing_type=list[item],
+        type_check_fn=lambda _, value: isinstance(value, list) and (not value or isinstance(value[0], item)),
+    )
+
+
+FAQ_TEMPLATES = list_type("FaqTemplates", Template, "The FAQ's templates in sheet order.")
+TEMPLATE_HASHES = list_type(
+    "TemplateHashes", HashedTemplate, "Each template with the text it is embedded as and that text's hash."
+)
+CACHED_HASHES = list_type("CachedHashes", str, "Content hashes whose vectors are in the store's cache.")
+
+
 def _ms(seconds: float) -> dg.MetadataValue:
     return dg.MetadataValue.float(round(seconds * 1000, 2))
 
 
-@dg.asset(group_name=GROUP, kinds={"excel", "csv"})
+@dg.asset(group_name=GROUP, kinds={"excel", "csv"}, dagster_type=FAQ_TEMPLATES)
 def faq_templates(context: dg.AssetExecutionContext, faq: FaqWorkbook) -> dg.Output[list[Template]]:
     """FAQ templates parsed and normalised from the Excel workbook."""
     started = time.perf_counter()
@@ -79,7 +96,10 @@ def faq_templates(context: dg.AssetExecutionContext, faq: FaqWorkbook) -> dg.Out
 def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) -> list[dg.AssetsDefinition]:
     """The chain: the FAQ, then one partition per model version down to the store of `store_backend`."""
 
-    @dg.asset(group_name=GROUP, kinds={"python"}, partitions_def=partitions_def)
+    @dg.asset(
+        group_name=GROUP, kinds={"python"}, partitions_def=partitions_def, dagster_type=TEMPLATE_HASHES,
+        ins={"faq_templates": dg.AssetIn(dagster_type=FAQ_TEMPLATES)},
+    )
     def template_hashes(
         context: dg.AssetExecutionContext, faq_templates: list[Template], models: ModelCatalog
     ) -> dg.Output[list[HashedTemplate]]:
@@ -100,7 +120,10 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
             },
         )
 
-    @dg.asset(group_name=GROUP, kinds={"python"}, partitions_def=partitions_def)
+    @dg.asset(
+        group_name=GROUP, kinds={"python"}, partitions_def=partitions_def,
+        ins={"template_hashes": dg.AssetIn(dagster_type=TEMPLATE_HASHES)},
+    )
     def change_plan(
         context: dg.AssetExecutionContext,
         config: ChangePlanConfig,
@@ -140,7 +163,7 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
         )
         return dg.Output(plan, metadata=metadata)
 
-    @dg.asset(group_name=GROUP, kinds={"numpy"}, partitions_def=partitions_def)
+    @dg.asset(group_name=GROUP, kinds={"numpy"}, partitions_def=partitions_def, dagster_type=CACHED_HASHES)
     def template_embeddings(
         context: dg.AssetExecutionContext, change_plan: ChangePlan, models: ModelCatalog, store: StoreResource
     ) -> dg.Output[list[str]]:
@@ -188,6 +211,7 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
         kinds=STORE_KINDS[store_backend],
         partitions_def=partitions_def,
         io_manager_key="store_io_manager",
+        ins={"template_embeddings": dg.AssetIn(dagster_type=CACHED_HASHES)},
     )
     def embedding_store(
         context: dg.AssetExecutionContext, change_plan: ChangePlan, template_embeddings: list[str],
@@ -211,6 +235,7 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
             },
             base_generation=change_plan.base_generation,
             rebuild=change_plan.rebuild,
+            plan=change_plan,
         )
 
     return [faq_templates, template_hashes, change_plan, template_embeddings, embedding_store]

@@ -5,7 +5,7 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 
-from embedding_assets.defs.assets import NO_TEXTS, faq_templates
+from embedding_assets.defs.assets import FAQ_TEMPLATES, NO_TEXTS, faq_templates
 from embedding_assets.defs.io_managers import verify_published
 from embedding_assets.defs.resources import FaqWorkbook, ModelCatalog, StoreResource, ValidationQueries
 from embedding_assets.lib.embedding_base import EmbeddingCost
@@ -39,7 +39,7 @@ def faq_content(faq_templates: list[Template], faq: FaqWorkbook, store: StoreRes
         opened = None
     if opened is not None:
         try:
-            published_ids = {v.key: set(opened.published(v.key)[1]) for v in opened.versions()}
+            published_ids = {v.key: set(opened.published_hashes(v.key)[1]) for v in opened.versions()}
         finally:
             opened.close()
     problems = [
@@ -61,7 +61,10 @@ def build_store_checks() -> list[dg.AssetChecksDefinition]:
     """The checks of the published store: a run of one model version (partition) checks that version,
     a run without a partition (the asset's Checks tab "Execute all") every published version."""
 
-    @dg.asset_check(asset="embedding_store", additional_ins={"faq_templates": dg.AssetIn("faq_templates")})
+    @dg.asset_check(
+        asset="embedding_store",
+        additional_ins={"faq_templates": dg.AssetIn("faq_templates", dagster_type=FAQ_TEMPLATES)},
+    )
     def store_matches_faq(
         context: dg.AssetCheckExecutionContext,
         faq_templates: list[Template],
@@ -261,7 +264,7 @@ def _evaluate_version(
 ) -> _VersionQuality:
     """One version's accuracy, with query vectors from the store's cache and only new queries embedded."""
     with store.open() as opened:
-        published_ids = set(opened.published(version.key)[1])
+        published_ids = set(opened.published_hashes(version.key)[1])
         answerable = [q for q in queries if q.template_id in published_ids]
         cache = opened.cache(version)
         hashes = {q.query: query_hash(q.query) for q in answerable}
@@ -275,6 +278,9 @@ def _evaluate_version(
             cache.put(fresh)
             vectors.update(fresh)
             requests = embedder.cost.since(before).requests if before is not None else len(missing)
+    if not answerable:  # no query names a published template: nothing to search, the retriever is not loaded
+        report = top_k_accuracy(lambda text, k: [], queries, published_ids, top_k=validation_queries.top_k)
+        return _VersionQuality(version.key, report, requests, len(missing))
     retriever = TemplateRetriever.load(store.url, model_version=version.key, embedder=NO_TEXTS, mode="memory")
     try:
         report = top_k_accuracy(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, replace
@@ -13,11 +12,12 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from embedding_assets.lib import intermediates
 from embedding_assets.lib.faq import Template
 from embedding_assets.lib.hashing import hash_version_templates
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import ChangePlan
-from embedding_assets.lib.verification import StoreReport, compare_table, unhealthy_vector_ids
+from embedding_assets.lib.verification import StoreReport, compare_published, unhealthy_vector_ids
 from embedding_assets.lib.version_table import MissingVectorsError, VersionTable
 from embedding_assets.store import (
     EmbeddingStore,
@@ -28,6 +28,7 @@ from embedding_assets.store import (
     StoreError,
     StoreLockedError,
     StoreNotFoundError,
+    VersionInfo,
     open_store,
     redact_url,
     store_backend,
@@ -46,14 +47,19 @@ def read_version_table(store: EmbeddingStore, key: str) -> VersionTable | None:
         return None
     snapshot = store.snapshot(key)
     version = snapshot.version.to_model_version()
-    templates = []
-    for stored in snapshot.templates:
-        template = Template(
-            template_id=stored.template_id, category=stored.category, subcategory=stored.subcategory,
-            question=stored.question, answer=stored.answer, priority=stored.priority, audience=stored.audience,
-            source_row=stored.source_row,
-        )
-        templates.append(replace(hash_version_templates([template], version)[0], content_hash=stored.content_hash))
+    stored_templates = snapshot.templates
+    hashed = hash_version_templates(
+        [
+            Template(
+                template_id=stored.template_id, category=stored.category, subcategory=stored.subcategory,
+                question=stored.question, answer=stored.answer, priority=stored.priority, audience=stored.audience,
+                source_row=stored.source_row,
+            )
+            for stored in stored_templates
+        ],
+        version,
+    )
+    templates = [replace(item, content_hash=stored.content_hash) for item, stored in zip(hashed, stored_templates)]
     vectors = dict(zip(snapshot.columns["template_id"], snapshot.template_vectors()))
     return VersionTable(
         version=version, templates=tuple(templates), vectors=vectors, base_generation=snapshot.version.generation
@@ -75,12 +81,11 @@ def write_version_table(store: EmbeddingStore, table: VersionTable) -> TableWrit
     (another run published the same content: nothing to do); otherwise it would undo that run's publish.
     """
     version = table.version
-    stored, published = store.published(version.key)
+    stored, plan = _current_plan(store, table)
     if stored is not None and stored.fingerprint != version.fingerprint() and not table.rebuild:
         raise ModelVersionMismatchError(mismatch_message(version, stored))
     generation = stored.generation if stored else None
     stale = generation != table.base_generation and not table.rebuild
-    plan = table.changes(published, rewrite_carried=not stale)
     if stored is not None and not plan.has_changes and stored.ranking == version.ranking():
         return TableWrite(plan, PublishResult(version.key, stored.generation, stored.rows, False, stored.is_current, 0.0))
     if stale:
@@ -96,27 +101,43 @@ def write_version_table(store: EmbeddingStore, table: VersionTable) -> TableWrit
     return TableWrite(plan, store.publish(version, plan, vectors))
 
 
+def _current_plan(store: EmbeddingStore, table: VersionTable) -> tuple[VersionInfo | None, ChangePlan]:
+    """The version's record and what writing the table changes: the table's own plan while the generation it
+    was made against is still published (the rows are not read again), else the table diffed against them."""
+    planned = table.plan
+    if planned is not None and planned.base is not None and not table.rebuild:
+        stored = store.version(table.version.key)
+        if (stored.generation if stored else None) == table.base_generation:
+            return stored, planned
+    stored, published = store.published(table.version.key)
+    stale = (stored.generation if stored else None) != table.base_generation and not table.rebuild
+    return stored, table.changes(published, rewrite_carried=not stale)
+
+
 def _listed_changes(plan: ChangePlan) -> str:
     ids = [i.template_id for i in (*plan.new, *plan.modified, *plan.metadata_updated)] + plan.deleted
     return f"{len(ids)} template(s) differ: {', '.join(sorted(ids)[:5])}{', …' if len(ids) > 5 else ''}"
 
 
 def verify_published(store: EmbeddingStore, version: ModelVersion, templates: Sequence[Template]) -> StoreReport:
-    """A version's published slice compared with the FAQ's templates."""
+    """A version's published ids, content hashes and vectors compared with the FAQ's templates.
+
+    Reads the ids, hashes and vectors only (no other column), in one transaction.
+    """
     try:
-        table = read_version_table(store, version.key)
+        stored, hashes, ids, matrix = store.published_vectors(version.key)
     except StoreError as exc:
         return StoreReport(version.key, len(templates), unreadable=f"{version.key}: {exc}")
-    return compare_table(version, templates, table)
+    return compare_published(version, templates, stored.dimension if stored else None, hashes, ids, matrix)
 
 
 def unhealthy_published_ids(store: EmbeddingStore, key: str) -> list[str]:
     """Published ids whose vector must be republished; all of them when the vectors cannot be read."""
     try:
-        table = read_version_table(store, key)
+        _, _, ids, matrix = store.published_vectors(key)
     except StoreCorruptError:
-        return sorted(store.published(key)[1])
-    return unhealthy_vector_ids(table.template_ids, table.matrix()) if table else []
+        return sorted(store.published_hashes(key)[1])
+    return unhealthy_vector_ids(ids, matrix)
 
 
 @contextmanager
@@ -175,53 +196,98 @@ class EmbeddingStoreIOManager(dg.ConfigurableIOManager):
 
 
 _RUN_OUTPUTS: dict[tuple[str, str], object] = {}  # (run id, output path) -> value, for the latest run of this process
+_RUN_SOURCES: dict[str, list[intermediates.Source]] = {}  # run id -> its stored list outputs, for the latest run
 
 
 class IntermediateIOManager(dg.ConfigurableIOManager):
     """Hands intermediate outputs to the next step in memory; a step in a new process reads them from disk.
 
     Each output is also kept as a pickle named by the SHA-256 of its bytes under the instance's storage
-    directory, plus a small pointer per asset (and partition): a run whose outputs equal the previous
-    run's writes only pointers, and a blob no pointer names any more is deleted.
+    directory, plus a small pointer per asset (and partition) naming that blob and the blobs it refers to
+    (see lib/intermediates.py: records already stored by an earlier output of the run are named by position,
+    not stored again). A run whose outputs equal the previous run's writes nothing, and a blob no pointer
+    names any more is deleted.
     """
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if context.run is not None:  # a run starts: an earlier run's outputs are no longer kept in memory
+            _forget_other_runs(context.run.run_id)
 
     def _pointer(self, context: dg.OutputContext | dg.InputContext, storage: Path) -> Path:
         return storage / "intermediates" / "pointers" / f"{_output_name(context)}.ref"
 
     def handle_output(self, context: dg.OutputContext, obj: object) -> None:
-        storage = Path(context.step_context.instance.storage_directory())
-        pointer = self._pointer(context, storage)
-        for key in [k for k in _RUN_OUTPUTS if k[0] != context.run_id]:
-            del _RUN_OUTPUTS[key]
+        root = Path(context.step_context.instance.storage_directory()) / "intermediates"
+        pointer = self._pointer(context, root.parent)
+        _forget_other_runs(context.run_id)
         _RUN_OUTPUTS[(context.run_id, str(pointer))] = obj
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        data, refs = intermediates.dumps(_persisted(obj), _RUN_SOURCES[context.run_id])
         digest = hashlib.sha256(data).hexdigest()
-        blob = storage / "intermediates" / "blobs" / f"{digest}.pickle"
+        blob = _blob(root, digest)
         if not blob.exists():
             _write_atomically(blob, data)
-        replaced = pointer.read_text().strip() if pointer.exists() else None
-        _write_atomically(pointer, digest.encode())
-        if replaced and replaced != digest:
-            _drop_unreferenced(storage / "intermediates", replaced)
+        named = [digest, *refs]
+        replaced = _named_blobs(pointer)
+        if replaced != named:
+            _write_atomically(pointer, "\n".join(named).encode())
+            for old in set(replaced) - set(named):
+                _drop_unreferenced(root, old)
+        if intermediates.is_source(obj):
+            _RUN_SOURCES[context.run_id].append(intermediates.Source(digest, refs, obj))
         context.add_output_metadata({"stored_bytes": dg.MetadataValue.int(len(data))})
 
     def load_input(self, context: dg.InputContext) -> object:
-        storage = Path(context.instance.storage_directory())
-        pointer = self._pointer(context, storage)
-        kept = _RUN_OUTPUTS.get((context.step_context.run_id, str(pointer)), _MISSING)
+        root = Path(context.instance.storage_directory()) / "intermediates"
+        pointer = self._pointer(context, root.parent)
+        run_id = context.step_context.run_id
+        kept = _RUN_OUTPUTS.get((run_id, str(pointer)), _MISSING)
         if kept is not _MISSING:
             return kept
         try:
-            digest = pointer.read_text().strip()
-            data = (storage / "intermediates" / "blobs" / f"{digest}.pickle").read_bytes()
+            digest, *refs = _named_blobs(pointer) or [""]
+            value = intermediates.loads(_blob(root, digest).read_bytes(), lambda d: _blob(root, d).read_bytes())
         except FileNotFoundError as exc:
             raise dg.Failure(
                 f"no stored output of {_output_name(context)}: materialize it first"
             ) from exc
-        return pickle.loads(data)
+        _forget_other_runs(run_id)
+        if intermediates.is_source(value):
+            _RUN_SOURCES[run_id].append(intermediates.Source(digest, refs, value))
+        return value
 
 
 _MISSING = object()
+
+
+def _forget_other_runs(run_id: str) -> None:
+    for key in [k for k in _RUN_OUTPUTS if k[0] != run_id]:
+        del _RUN_OUTPUTS[key]
+    for other in [r for r in _RUN_SOURCES if r != run_id]:
+        del _RUN_SOURCES[other]
+    _RUN_SOURCES.setdefault(run_id, [])
+
+
+def _persisted(obj: object) -> object:
+    """What is kept on disk of an output: a change plan without the published rows it was made against.
+
+    A plan read back in another process therefore cannot be applied as it is: writing it diffs the table
+    against the published rows again (see write_version_table).
+    """
+    if isinstance(obj, ChangePlan) and obj.base is not None:
+        return replace(obj, base=None)
+    return obj
+
+
+def _blob(root: Path, digest: str) -> Path:
+    return root / "blobs" / f"{digest}.pickle"
+
+
+def _named_blobs(pointer: Path) -> list[str]:
+    """The blob a pointer names, then the blobs that blob refers to; [] when there is no pointer."""
+    try:
+        return pointer.read_text().split()
+    except FileNotFoundError:
+        return []
 
 
 def _output_name(context: dg.OutputContext | dg.InputContext) -> str:
@@ -235,9 +301,9 @@ def _output_name(context: dg.OutputContext | dg.InputContext) -> str:
 
 def _drop_unreferenced(root: Path, digest: str) -> None:
     """Delete a blob no pointer names any more (the latest output of each asset and partition is kept)."""
-    if any(p.read_text().strip() == digest for p in (root / "pointers").rglob("*.ref")):
+    if any(digest in _named_blobs(p) for p in (root / "pointers").rglob("*.ref")):
         return
-    (root / "blobs" / f"{digest}.pickle").unlink(missing_ok=True)
+    _blob(root, digest).unlink(missing_ok=True)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -10,6 +10,9 @@ SPREADSHEET_ERRORS = frozenset(
     {"#REF!", "#N/A", "#VALUE!", "#DIV/0!", "#NAME?", "#NULL!", "#NUM!", "#SPILL!", "#CALC!", "#GETTING_DATA"}
 )
 
+_LONGEST_ERROR = max(map(len, SPREADSHEET_ERRORS))
+_TEXT_FIELDS = ("category", "subcategory", "question", "answer", "priority", "audience")  # Template.fields() order
+
 
 def faq_content_problems(
     templates: Sequence[Template],
@@ -20,8 +23,9 @@ def faq_content_problems(
     or a sheet that lost more than `max_removed_share` of a version's published templates."""
     problems = []
     for t in templates:
-        for name, value in t.fields().items():
-            if value.upper() in SPREADSHEET_ERRORS:
+        for name in _TEXT_FIELDS:
+            value = getattr(t, name)
+            if len(value) <= _LONGEST_ERROR and value.upper() in SPREADSHEET_ERRORS:
                 problems.append(f"row {t.source_row}, {name}: spreadsheet error value {value!r}")
     answers: dict[tuple[str, str, str], Template] = {}
     for t in templates:

@@ -11,17 +11,18 @@ from embedding_assets.lib.faq import Template
 from embedding_assets.lib.hashing import hash_version_templates
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import StoredTemplate
-from embedding_assets.lib.version_table import VersionTable
 
 LISTED = 20
+_HASHED_AT_ONCE = 1000
 REPAIR_MARK = ""
 
 
 def unhealthy_vector_ids(template_ids: Sequence[str], matrix: np.ndarray) -> list[str]:
     """Ids whose vector holds NaN or infinity, or has zero norm."""
     finite = np.isfinite(matrix).all(axis=1)
-    norms = np.linalg.norm(np.where(np.isfinite(matrix), matrix, 0.0), axis=1)
-    bad = ~finite | (norms == 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        squares = np.einsum("ij,ij->i", matrix, matrix)  # zero exactly when the norm is (NaN rows are not finite)
+    bad = ~finite | (squares == 0.0)
     return sorted(template_ids[i] for i in np.flatnonzero(bad))
 
 
@@ -72,7 +73,11 @@ def compare_store(
     matrix: np.ndarray,
 ) -> StoreReport:
     """Compare a version's published rows and vectors with the FAQ's templates."""
-    expected = {h.template_id: h.content_hash for h in hash_version_templates(list(templates), version)}
+    expected = {
+        h.template_id: h.content_hash
+        for start in range(0, len(templates), _HASHED_AT_ONCE)  # the rendered texts are held a chunk at a time
+        for h in hash_version_templates(list(templates[start : start + _HASHED_AT_ONCE]), version)
+    }
     stored = dict(zip(stored_ids, stored_hashes))
     if matrix.shape != (len(stored_ids), version.dimension):
         return StoreReport(
@@ -99,17 +104,23 @@ def mark_for_repair(published: Mapping[str, StoredTemplate], ids: Sequence[str])
     }
 
 
-def compare_table(
-    version: ModelVersion, templates: Sequence[Template], table: VersionTable | None
+def compare_published(
+    version: ModelVersion,
+    templates: Sequence[Template],
+    stored_dimension: int | None,
+    stored_hashes: Mapping[str, str],
+    stored_ids: Sequence[str],
+    matrix: np.ndarray,
 ) -> StoreReport:
-    """Compare a version's published table with the FAQ's templates (None: the version is not published)."""
-    if table is None:
+    """Compare a version's published hashes and vectors (ids in `stored_ids` order) with the FAQ's templates.
+
+    `stored_dimension` is the dimension the store records for the version; None: the version is not published.
+    """
+    if stored_dimension is None:
         return StoreReport(version.key, len(templates), unreadable=f"{version.key}: not published in the store")
-    if table.version.dimension != version.dimension:
+    if stored_dimension != version.dimension:
         return StoreReport(
-            version.key, len(templates), len(table),
-            unreadable=f"{version.key}: stored dimension {table.version.dimension}, declared {version.dimension}",
+            version.key, len(templates), len(stored_ids),
+            unreadable=f"{version.key}: stored dimension {stored_dimension}, declared {version.dimension}",
         )
-    return compare_store(
-        version, templates, table.template_ids, [t.content_hash for t in table.templates], table.matrix()
-    )
+    return compare_store(version, templates, stored_ids, [stored_hashes[i] for i in stored_ids], matrix)

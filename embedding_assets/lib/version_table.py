@@ -48,6 +48,10 @@ class VersionTable:
     vectors: Mapping[str, np.ndarray] = field(default_factory=dict)
     base_generation: int | None = None
     rebuild: bool = False
+    plan: ChangePlan | None = field(default=None, compare=False, repr=False)
+    """The change plan the table was made from, against `base_generation` (None: the writer diffs the table
+    against the published rows itself). While that generation is still published the writer applies the plan
+    as it is, without reading the published rows again."""
 
     def __len__(self) -> int:
         return len(self.templates)

@@ -291,6 +291,27 @@ class PostgresSession:
         self._run("SELECT {columns} FROM {schema}.templates WHERE model_version = %s", (key,))
         return {r[0]: StoredTemplate(*r) for r in self.cur.fetchall()}
 
+    def template_hashes(self, key: str) -> dict[str, str]:
+        self._run("SELECT template_id, content_hash FROM {schema}.templates WHERE model_version = %s", (key,))
+        return dict(self.cur.fetchall())
+
+    def id_vectors(self, key: str, dimension: int) -> tuple[list[str], np.ndarray]:
+        self._run("SELECT template_id FROM {schema}.templates WHERE model_version = %s ORDER BY template_id", (key,))
+        ids = [row[0] for row in self.cur.fetchall()]
+        return ids, self._copied_vectors(key, len(ids), dimension)
+
+    def _copied_vectors(self, key: str, rows: int, dimension: int) -> np.ndarray:
+        copied = io.BytesIO()
+        self.cur.copy_expert(
+            self._store._sql(
+                "COPY (SELECT embedding FROM {schema}.templates WHERE model_version = {key} "
+                "ORDER BY template_id) TO STDOUT WITH (FORMAT binary)",
+                key=sql.Literal(key),
+            ).as_string(self.cur.connection),
+            copied,
+        )
+        return _parse_vectors(copied.getvalue(), rows, dimension, f"{self._store.location}: {key!r}")
+
     def upsert_rows(self, key: str, rows: list[tuple], vectors: list[np.ndarray]) -> None:
         updates = ", ".join(f"{name} = EXCLUDED.{name}" for name in (*TEMPLATE_FIELDS[1:], "embedding"))
         self._store._upsert(

@@ -65,6 +65,14 @@ class StoreSession(Protocol):
 
     def templates(self, key: str) -> dict[str, StoredTemplate]: ...
 
+    def template_hashes(self, key: str) -> dict[str, str]:
+        """Each published template id's content hash (no other column is read)."""
+        ...
+
+    def id_vectors(self, key: str, dimension: int) -> tuple[list[str], np.ndarray]:
+        """The published template ids in id order and their (first view's) vectors, one row each."""
+        ...
+
     def upsert_rows(self, key: str, rows: list[tuple], vectors: list[np.ndarray]) -> None: ...
 
     def update_fields(self, key: str, rows: list[tuple]) -> None: ...
@@ -202,6 +210,25 @@ class PublishingStore:
         """A version's record and its published templates, read in one transaction."""
         with self._read() as session:
             return self._version(session, key), session.templates(key)
+
+    def published_hashes(self, key: str) -> tuple[VersionInfo | None, dict[str, str]]:
+        """A version's record and the content hash of each published template id, read in one transaction."""
+        with self._read() as session:
+            return self._version(session, key), session.template_hashes(key)
+
+    def published_vectors(self, key: str) -> tuple[VersionInfo | None, dict[str, str], list[str], np.ndarray]:
+        """A version's record, its content hashes by id, and its ids (in id order) with their first view's
+        vectors, read in one transaction; no other column is read. The other views' vectors are read to prove
+        every row has one of the version's dimension (StoreCorruptError otherwise), and are not returned."""
+        with self._read() as session:
+            info = self._version(session, key)
+            if info is None:
+                return None, {}, [], np.empty((0, 0), dtype=np.float32)
+            ids, matrix = session.id_vectors(key, info.dimension)
+            extra = [v.name for v in info.to_model_version().views[1:]]
+            if extra:
+                session.view_data(key, info.dimension, extra, len(ids))
+            return info, session.template_hashes(key), ids, matrix
 
     def cache(self, version: ModelVersion) -> StoreVectorCache:
         return StoreVectorCache(self, version)

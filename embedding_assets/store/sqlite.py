@@ -50,6 +50,8 @@ _SELECT_SCHEMA_1_VERSIONS = (
     f"SELECT {_SCHEMA_1_VERSION_COLUMNS} FROM model_versions WHERE key = ?",
 )
 _SELECT_TEMPLATES = f"SELECT {_TEMPLATE_COLUMNS} FROM templates WHERE model_version = ?"
+_SELECT_HASHES = "SELECT template_id, content_hash FROM templates WHERE model_version = ?"
+_SELECT_ID_VECTORS = "SELECT template_id, vector FROM templates WHERE model_version = ? ORDER BY template_id"
 _SELECT_SNAPSHOT = f"SELECT {_TEMPLATE_COLUMNS}, vector FROM templates WHERE model_version = ? ORDER BY template_id"
 _UPSERT_TEMPLATE = (
     f"INSERT INTO templates (model_version, {_TEMPLATE_COLUMNS}, vector) "
@@ -291,6 +293,21 @@ class SqliteSession:
     def templates(self, key: str) -> dict[str, StoredTemplate]:
         rows = self.conn.execute(_SELECT_TEMPLATES, (key,))
         return {r[0]: StoredTemplate(*r) for r in rows}
+
+    def template_hashes(self, key: str) -> dict[str, str]:
+        return dict(self.conn.execute(_SELECT_HASHES, (key,)))
+
+    def id_vectors(self, key: str, dimension: int) -> tuple[list[str], np.ndarray]:
+        size = dimension * 4
+        data = bytearray(self.count(key) * size)  # filled row by row: the vectors are held once
+        filled = memoryview(data)
+        ids = []
+        for n, (template_id, blob) in enumerate(self.conn.execute(_SELECT_ID_VECTORS, (key,))):
+            if len(blob) != size:
+                raise StoreCorruptError(f"{self.location}: vectors of {key!r} do not all have dimension {dimension}")
+            filled[n * size : (n + 1) * size] = blob
+            ids.append(template_id)
+        return ids, np.frombuffer(data, dtype="<f4").reshape(len(ids), dimension)
 
     def upsert_rows(self, key: str, rows: list[tuple], vectors: list[np.ndarray]) -> None:
         self.conn.executemany(
