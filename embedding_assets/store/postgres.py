@@ -409,16 +409,7 @@ class PostgresSession:
     def snapshot_data(self, key: str, dimension: int) -> tuple[dict[str, Sequence], np.ndarray]:
         self._run("SELECT {columns} FROM {schema}.templates WHERE model_version = %s ORDER BY template_id", (key,))
         rows = self.cur.fetchall()
-        copied = io.BytesIO()
-        self.cur.copy_expert(
-            self._store._sql(
-                "COPY (SELECT embedding FROM {schema}.templates WHERE model_version = {key} "
-                "ORDER BY template_id) TO STDOUT WITH (FORMAT binary)",
-                key=sql.Literal(key),
-            ).as_string(self.cur.connection),
-            copied,
-        )
-        matrix = _parse_vectors(copied.getvalue(), len(rows), dimension, f"{self._store.location}: {key!r}")
+        matrix = self._copied_vectors(key, len(rows), dimension)
         values = list(zip(*rows)) if rows else [()] * len(TEMPLATE_FIELDS)
         return dict(zip(TEMPLATE_FIELDS, values)), matrix
 
