@@ -142,6 +142,7 @@ def test_a_failing_publish_prints_the_store_error_not_dagsters_wrapper(workdir):
     write_rows(faq, rows)
     holder = sqlite3.connect(cwd / "store.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another process holds the store's write lock for the whole run
+    workdir[2]["EMBEDDING_ASSETS_BUSY_TIMEOUT"] = "3"
     try:
         done = cli(workdir, "materialize", check=False)
     finally:
