@@ -56,6 +56,22 @@ def make_template(n: int, **changes: object) -> Template:
     return replace(base, **changes)
 
 
+def cli_project(directory: Path, versions_toml: str) -> tuple[Path, dict[str, str]]:
+    """A working directory for the CLI: a copy of the sample FAQ, `versions_toml` as its model versions
+    file, a store path and a DAGSTER_HOME; the directory and the environment to run the CLI with."""
+    write_rows(directory / "faq.xlsx", read_rows(SAMPLE_FAQ))
+    versions = directory / "model_versions.toml"
+    versions.write_text(versions_toml, encoding="utf-8")
+    return directory, {
+        **os.environ,
+        "EMBEDDING_ASSETS_FAQ_PATH": str(directory / "faq.xlsx"),
+        "EMBEDDING_ASSETS_STORE": f"sqlite:///{directory / 'store.db'}",
+        "EMBEDDING_ASSETS_MODEL_VERSIONS": str(versions),
+        "DAGSTER_HOME": str(directory / "dagster_home"),
+        "OPENAI_API_KEY": "test-key",
+    }
+
+
 @pytest.fixture
 def faq_copy(tmp_path: Path) -> Path:
     """A temp copy of the sample FAQ that a test may edit."""

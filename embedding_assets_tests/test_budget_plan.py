@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from embedding_assets.lib.hashing import hash_version_templates
 from embedding_assets.lib.model_versions import ModelVersion, View
 from embedding_assets.lib.plan import EDITABLE_FIELDS, BudgetLimits, StoredTemplate, build_change_plan, estimate_plan
 from embedding_assets.store import open_store
-from embedding_assets_tests.conftest import SAMPLE_FAQ, make_template, read_rows, write_rows
+from embedding_assets_tests.conftest import SAMPLE_FAQ, cli_project, make_template, read_rows, write_rows
 from embedding_assets_tests.openai_servers import FaultServer
 
 CLI = str(Path(sys.executable).parent / "embedding-assets")
@@ -38,32 +37,22 @@ def server():
     running.stop()
 
 
-def write_versions(path: Path, base_url: str) -> Path:
-    path.write_text(
+def versions_toml(base_url: str) -> str:
+    return (
         f'[[model_version]]\nkey = "{KEY}"\nprovider = "openai"\nmodel = "fake-embed"\ndimension = 8\n'
         f'batch_size = {BATCH}\nsettings = {{ base_url = "{base_url}", concurrency = 1, max_attempts = 1, '
         'timeout = 30, passage_input_type = "passage", query_input_type = "query" }\n'
         # a second partition: the check must read the change plan of the run's own one
         f'\n[[model_version]]\nkey = "fake-v2"\nprovider = "openai"\nmodel = "fake-embed-2"\ndimension = 8\n'
-        f'active = false\nsettings = {{ base_url = "{base_url}" }}\n',
-        encoding="utf-8",
+        f'active = false\nsettings = {{ base_url = "{base_url}" }}\n'
     )
-    return path
 
 
 def new_project(directory: Path, server: FaultServer) -> tuple[Path, dict[str, str]]:
     """A FAQ copy, an `openai` version on the counting server (batches of 10), a store path and a DAGSTER_HOME."""
-    write_rows(directory / "faq.xlsx", read_rows(SAMPLE_FAQ))
-    versions = write_versions(directory / "model_versions.toml", server.base_url)
-    env = {k: v for k, v in os.environ.items()
-           if k not in (settings.MAX_REEMBED_SHARE_VAR, settings.MAX_REEMBED_TOKENS_VAR)}
-    env |= {
-        settings.FAQ_PATH_VAR: str(directory / "faq.xlsx"),
-        settings.STORE_VAR: f"sqlite:///{directory / 'store.db'}",
-        settings.MODEL_VERSIONS_VAR: str(versions),
-        "DAGSTER_HOME": str(directory / "dagster_home"),
-    }
-    return directory, env
+    directory, env = cli_project(directory, versions_toml(server.base_url))
+    return directory, {k: v for k, v in env.items()
+                       if k not in (settings.MAX_REEMBED_SHARE_VAR, settings.MAX_REEMBED_TOKENS_VAR)}
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from embedding_assets.store import open_store
-from embedding_assets_tests.conftest import SAMPLE_FAQ, read_rows, write_rows
+from embedding_assets_tests.conftest import cli_project
 from embedding_assets_tests.openai_servers import FaultServer, Reply
 
 CLI = str(Path(sys.executable).parent / "embedding-assets")
@@ -31,23 +30,12 @@ def server():
 @pytest.fixture
 def project(tmp_path, server):
     """A FAQ copy, an `openai` model version on the fault server, a store path and a DAGSTER_HOME."""
-    write_rows(tmp_path / "faq.xlsx", read_rows(SAMPLE_FAQ))
-    versions = tmp_path / "model_versions.toml"
-    versions.write_text(
+    return cli_project(
+        tmp_path,
         f'[[model_version]]\nkey = "{KEY}"\nprovider = "openai"\nmodel = "fake-embed"\ndimension = 8\n'
         f'batch_size = {BATCH}\nsettings = {{ base_url = "{server.base_url}", concurrency = 1, max_attempts = 1, '
         "timeout = 30 }\n",
-        encoding="utf-8",
     )
-    env = {
-        **os.environ,
-        "EMBEDDING_ASSETS_FAQ_PATH": str(tmp_path / "faq.xlsx"),
-        "EMBEDDING_ASSETS_STORE": f"sqlite:///{tmp_path / 'store.db'}",
-        "EMBEDDING_ASSETS_MODEL_VERSIONS": str(versions),
-        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
-        "OPENAI_API_KEY": "test-key",
-    }
-    return tmp_path, env
 
 
 def materialize(project, *args: str) -> subprocess.CompletedProcess:

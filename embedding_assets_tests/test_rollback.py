@@ -29,7 +29,7 @@ from embedding_assets.lib.version_table import template_vectors
 from embedding_assets.retrieval import TemplateRetriever
 from embedding_assets.store import NothingToRollBackError, StalePlanError, StoreError, StoreSnapshot, open_store
 from embedding_assets.store.urls import connection_settings
-from embedding_assets_tests.conftest import SAMPLE_FAQ, make_template, read_rows, write_rows
+from embedding_assets_tests.conftest import SAMPLE_FAQ, cli_project, make_template, read_rows, write_rows
 from embedding_assets_tests.openai_servers import FaultServer
 from embedding_assets_tests.test_store_contract import V4, vector_for
 from embedding_assets_tests.test_store_contract import publish as contract_publish
@@ -378,22 +378,11 @@ def test_the_rollback_job_restores_the_previous_generation(server, tmp_path: Pat
 def project(tmp_path: Path):
     """The sample FAQ, an `openai` model version on a fault server, a store and a DAGSTER_HOME, for the CLI."""
     api = FaultServer(dimension=DIMENSION).start()
-    write_rows(tmp_path / "faq.xlsx", read_rows(SAMPLE_FAQ))
-    versions_toml = tmp_path / "model_versions.toml"
-    versions_toml.write_text(
+    yield cli_project(
+        tmp_path,
         f'[[model_version]]\nkey = "fake-v1"\nprovider = "openai"\nmodel = "fake-embed"\ndimension = {DIMENSION}\n'
         f'batch_size = 50\nsettings = {{ base_url = "{api.base_url}", concurrency = 1, max_attempts = 1 }}\n',
-        encoding="utf-8",
     )
-    env = {
-        **os.environ,
-        "EMBEDDING_ASSETS_FAQ_PATH": str(tmp_path / "faq.xlsx"),
-        "EMBEDDING_ASSETS_STORE": f"sqlite:///{tmp_path / 'store.db'}",
-        "EMBEDDING_ASSETS_MODEL_VERSIONS": str(versions_toml),
-        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
-        "OPENAI_API_KEY": "test-key",
-    }
-    yield tmp_path, env
     api.stop()
 
 
