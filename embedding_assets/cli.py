@@ -184,19 +184,19 @@ def materialize(
             elif not report["success"]:
                 exit_code = max(exit_code, EXIT_FAILED_AFTER_PUBLISH if report["published"] else EXIT_RUN_FAILED)
                 click.echo(failure_text(report), err=True)
-    for warning in stale_current_warnings(settings.store_url(), versions):
+    try:
+        with open_store(settings.store_url(), create=False) as store:
+            current = store.current_version()
+    except StoreError:
+        current = None
+    for warning in stale_current_warnings(current, versions):
         click.echo(f"warning: {warning}", err=True)
     sys.exit(exit_code)
 
 
-def stale_current_warnings(url: str, declared) -> list[str]:
+def stale_current_warnings(current: str | None, declared) -> list[str]:
     """A warning when the store's current version is one that runs no longer refresh (not active)."""
     active = [v.key for v in declared if v.active]
-    try:
-        with open_store(url, create=False) as store:
-            current = next((v.key for v in store.versions() if v.is_current), None)
-    except StoreError:
-        return []
     if current is None or current in active or not active:
         return []
     state = "declared inactive" if current in {v.key for v in declared} else "no longer declared"
@@ -361,7 +361,8 @@ def status(as_json: bool) -> None:
     from embedding_assets.lib.model_versions import ModelVersionError, load_model_versions
 
     try:
-        warnings = stale_current_warnings(url, load_model_versions(settings.model_versions_path()))
+        current = next((v["model_version"] for v in versions if v["current"]), None)
+        warnings = stale_current_warnings(current, load_model_versions(settings.model_versions_path()))
     except ModelVersionError as exc:
         warnings = [str(exc)]
     payload["warnings"] = warnings
