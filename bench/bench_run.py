@@ -3,7 +3,8 @@
 Provider "openai" against a local OpenAI-compatible server that answers instantly, so the figures are
 the pipeline's own cost. Next to each no-op, two floors measured in the same run: the work itself (read
 the sheet, hash every text, read the published hashes) and Dagster's own cost for a graph of the same
-shape whose steps do nothing, on the same kind of instance. Also the bytes a no-op leaves in
+shape whose steps do nothing, on the same kind of instance (the one `embedding-assets` sets up in a new
+DAGSTER_HOME: settings.INSTANCE_YAML). Also the bytes a no-op leaves in
 DAGSTER_HOME, the peak RSS of each run (Linux: the peak is reset before each) and, with --profile,
 the functions a no-op spends its time in (cProfile).
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import cProfile
 import io
+import os
 import pstats
 import resource
 import sys
@@ -27,6 +29,7 @@ import xlsxwriter
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from embedding_assets import settings  # noqa: E402
 from embedding_assets.defs.resources import (  # noqa: E402
     EmbeddingStoreIOManager,
     FaqWorkbook,
@@ -159,11 +162,18 @@ def empty_graph() -> list:
             faq_content, store_matches_faq, retrieval_quality]
 
 
+def project_instance(home: Path) -> dg.DagsterInstance:
+    """A new instance in `home` as `embedding-assets` sets one up (settings.INSTANCE_YAML)."""
+    home.mkdir()
+    (home / "dagster.yaml").write_text(settings.INSTANCE_YAML)
+    os.environ["DAGSTER_HOME"] = str(home)  # the storage's base_dir comes from it
+    return dg.DagsterInstance.from_config(str(home))
+
+
 def dagster_floor_seconds(directory: Path, runs: int = 3) -> float:
     """The fastest of a few runs of the empty graph on a fresh instance like the benchmark's."""
-    (directory / "empty-home").mkdir()
     times = []
-    with dg.instance_for_test(temp_dir=str(directory / "empty-home")) as instance:
+    with project_instance(directory / "empty-home") as instance:
         graph = empty_graph()
         for _ in range(runs):
             started = time.perf_counter()
@@ -198,9 +208,8 @@ def bench(size: int, server: FaultServer, directory: Path, profile: bool) -> Non
             "validation_queries": ValidationQueries(path=str(SAMPLE_QUERIES)),
         }
 
-    (directory / "home").mkdir()
     profiler = cProfile.Profile() if profile else None
-    with dg.instance_for_test(temp_dir=str(directory / "home")) as instance:
+    with project_instance(directory / "home") as instance:
         home = directory / "home"
         cold, _, cold_rss = timed_run(assets, resources(faq), instance)
         timed_run(assets, resources(faq), instance)  # the first no-op records its all-unchanged plan

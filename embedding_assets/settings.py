@@ -198,12 +198,30 @@ class Settings:
         )
 
 
+INSTANCE_YAML = """\
+# Dagster instance of embedding_assets: runs, events and schedules live here, in SQLite files laid
+# out as Dagster's default storage lays them out, with connections kept open between events
+# (embedding_assets/instance_storage.py; `synchronous: FULL` under `config` syncs every commit).
+storage:
+  custom:
+    module: embedding_assets.instance_storage
+    class: PooledSqliteStorage
+    config:
+      base_dir:
+        env: DAGSTER_HOME
+telemetry:
+  enabled: false
+"""
+_EARLIER_INSTANCE_YAML = "# Dagster instance of embedding_assets: runs, events and schedules live here.\ntelemetry:\n  enabled: false\n"
+
+
 def dagster_home() -> Path:
-    """DAGSTER_HOME, defaulting to .dagster_home in the working directory (created if missing)."""
+    """DAGSTER_HOME, defaulting to .dagster_home in the working directory (created if missing, with
+    INSTANCE_YAML as its dagster.yaml when it has none or still has the one earlier releases wrote)."""
     home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     instance_config = home / "dagster.yaml"
-    if not instance_config.exists():
-        instance_config.write_text("# Dagster instance of embedding_assets: runs, events and schedules live here.\ntelemetry:\n  enabled: false\n")
+    if not instance_config.exists() or instance_config.read_text() == _EARLIER_INSTANCE_YAML:
+        instance_config.write_text(INSTANCE_YAML)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
