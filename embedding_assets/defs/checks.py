@@ -6,10 +6,11 @@ import dagster as dg
 import numpy as np
 
 from embedding_assets.defs.assets import FAQ_TEMPLATES, NO_TEXTS, faq_templates
-from embedding_assets.defs.io_managers import verify_published
+from embedding_assets.defs.io_managers import inputs_key_of, verify_published
 from embedding_assets.defs.resources import FaqWorkbook, ModelCatalog, StoreResource, ValidationQueries
 from embedding_assets.lib.embedding_base import EmbeddingCost
-from embedding_assets.lib.faq import Template, missing_id_column_problems
+from embedding_assets.lib.faq import Template, missing_id_column_problems, templates_digest
+from embedding_assets.lib.hashing import hash_version_templates, hashed_digest
 from embedding_assets.lib.faq_checks import faq_content_problems
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.near_duplicates import near_duplicate_pairs
@@ -30,17 +31,28 @@ def _listed(items: list[str]) -> dg.MetadataValue:
 
 
 @dg.asset_check(asset=faq_templates, blocking=True)
-def faq_content(faq_templates: list[Template], faq: FaqWorkbook, store: StoreResource) -> dg.AssetCheckResult:
+def faq_content(
+    context: dg.AssetCheckExecutionContext, faq_templates: list[Template], faq: FaqWorkbook, store: StoreResource
+) -> dg.AssetCheckResult:
     """No spreadsheet error text, no question repeated with another answer, no mass deletion of published templates."""
-    published_ids = {}
     try:
         opened = open_store(store.url, create=False)
     except StoreNotFoundError:
         opened = None
-    if opened is not None:
-        try:
-            published_ids = {v.key: set(opened.published_hashes(v.key)[1]) for v in opened.versions()}
-        finally:
+    try:
+        published = opened.versions() if opened is not None else []
+        store_id = opened.state().store_id if opened is not None else "none"
+        generations = ", ".join(f"{v.key}@{v.generation}" for v in published)
+        evaluated_state = (
+            f"faq {(inputs_key_of(faq_templates) or templates_digest(faq_templates))[:16]}; store {store_id}: {generations or 'nothing published'}; "
+            f"id column {faq.id_column!r}, max removed share {faq.max_removed_share}"
+        )
+        reused = _reused_result(context, "faq_content", "faq_templates", evaluated_state)
+        if reused is not None:
+            return reused
+        published_ids = {v.key: set(opened.published_hashes(v.key)[1]) for v in published}
+    finally:
+        if opened is not None:
             opened.close()
     problems = [
         *missing_id_column_problems(faq_templates, published_ids, faq.id_column),
@@ -53,8 +65,25 @@ def faq_content(faq_templates: list[Template], faq: FaqWorkbook, store: StoreRes
             "templates": dg.MetadataValue.int(len(faq_templates)),
             "problems": dg.MetadataValue.int(len(problems)),
             "problem_list": _listed(problems),
+            "evaluated_state": dg.MetadataValue.text(evaluated_state),
+            "reevaluated": dg.MetadataValue.bool(True),
         },
     )
+
+
+def _reused_result(
+    context: dg.AssetCheckExecutionContext, check: str, asset: str, evaluated_state: str
+) -> dg.AssetCheckResult | None:
+    """A recent result of the check that saw the same `evaluated_state` (everything the check reads), kept;
+    None when no recent evaluation did."""
+    for previous in _recent_evaluations(context, check, asset):
+        if getattr(previous.metadata.get("evaluated_state"), "value", None) == evaluated_state:
+            context.log.info(f"{check}: what it reads is unchanged ({evaluated_state}); kept the last result")
+            return dg.AssetCheckResult(
+                passed=previous.passed, severity=previous.severity, description=previous.description,
+                metadata={**previous.metadata, "reevaluated": dg.MetadataValue.bool(False)},
+            )
+    return None
 
 
 def build_store_checks() -> list[dg.AssetChecksDefinition]:
@@ -74,6 +103,16 @@ def build_store_checks() -> list[dg.AssetChecksDefinition]:
         """Rows equal the FAQ's templates, hashes match, every vector has the version's dimension and is finite and non-zero."""
         with store.open() as opened:
             versions = _checked_versions(context, models, opened)
+            store_id = opened.state().store_id
+            hashed = {version.key: hash_version_templates(faq_templates, version) for version in versions}
+            evaluated_state = f"store {store_id} ({opened.change_marker() or 'generations'}): " + ", ".join(
+                f"{version.key}@{getattr(opened.version(version.key), 'generation', None)} "
+                f"faq {hashed_digest(hashed[version.key])[:16]}"
+                for version in versions
+            )
+            reused = _reused_result(context, "store_matches_faq", "embedding_store", evaluated_state)
+            if reused is not None:
+                return reused
             reports = [verify_published(opened, version, faq_templates) for version in versions]
         if not reports:
             return dg.AssetCheckResult(passed=False, description="no model version is published")
@@ -90,6 +129,8 @@ def build_store_checks() -> list[dg.AssetChecksDefinition]:
                 "hash_mismatches": dg.MetadataValue.int(sum(len(report.hash_mismatch_ids) for report in reports)),
                 "unhealthy_vectors": dg.MetadataValue.int(sum(len(report.unhealthy_ids) for report in reports)),
                 "problem_list": _listed(problems),
+                "evaluated_state": dg.MetadataValue.text(evaluated_state),
+                "reevaluated": dg.MetadataValue.bool(True),
             },
         )
 
@@ -325,10 +366,10 @@ def _previous_ranking(recent: list[dg.AssetCheckEvaluation], key: str, fingerpri
 
 
 def _recent_evaluations(
-    context: dg.AssetCheckExecutionContext, check: str = "retrieval_quality"
+    context: dg.AssetCheckExecutionContext, check: str = "retrieval_quality", asset: str = "embedding_store"
 ) -> list[dg.AssetCheckEvaluation]:
     """The check's latest evaluations, newest first."""
-    key = dg.AssetCheckKey(dg.AssetKey("embedding_store"), check)
+    key = dg.AssetCheckKey(dg.AssetKey(asset), check)
     records = context.instance.event_log_storage.get_asset_check_execution_history(key, limit=PREVIOUS_EVALUATIONS)
     evaluations = []
     for record in records:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
+import importlib.metadata
 import math
 import re
+import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -87,6 +90,28 @@ class Template:
             "priority": self.priority,
             "audience": self.audience,
         }
+
+
+@functools.cache
+def faq_reader_code() -> str:
+    """SHA-256 of the reader's own source and its spreadsheet library's version: a parse depends on them."""
+    from embedding_assets.lib import sheets
+
+    digest = hashlib.sha256()
+    for module in (sys.modules[__name__], sheets):
+        digest.update(Path(module.__file__).read_bytes())
+    digest.update(importlib.metadata.version("python-calamine").encode())
+    return digest.hexdigest()
+
+
+def templates_digest(templates: Sequence[Template]) -> str:
+    """SHA-256 of every field of every template, in order: equal exactly when the templates are."""
+    rows = "\x1e".join(
+        f"{t.template_id}\x1f{t.category}\x1f{t.subcategory}\x1f{t.question}\x1f{t.answer}\x1f"
+        f"{t.priority}\x1f{t.audience}\x1f{t.source_row}"
+        for t in templates
+    )
+    return hashlib.sha256(rows.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class FaqError(ValueError):

@@ -54,8 +54,34 @@ def hash_templates(templates: list[Template], text_template: str) -> list[Hashed
     return hashed
 
 
+_LAST_HASHED: list = [None, None, None]  # (templates, views, result): a run hashes one FAQ list in several steps
+
+
 def hash_version_templates(templates: list[Template], version: ModelVersion) -> list[HashedTemplate]:
-    """The templates hashed as `version` embeds them: exactly hash_templates for a version without views."""
+    """The templates hashed as `version` embeds them: exactly hash_templates for a version without views.
+
+    Hashing the same list object again as the same texts returns the previous result (a run's checks
+    hash the FAQ its plan already hashed); the lists passed here are never changed in place.
+    """
+    views = _views_key(version)
+    last_templates, last_views, last_result = _LAST_HASHED
+    if last_templates is templates and last_views == views and len(last_result) == len(templates):
+        return list(last_result)
+    hashed = _hash_version_templates(templates, version)
+    _LAST_HASHED[:] = [templates, views, hashed]
+    return list(hashed)
+
+
+def remember_hashed(templates: list[Template], version: ModelVersion, hashed: list[HashedTemplate]) -> None:
+    """Record `hashed` as what hashing `templates` for `version` gives (it was, in an earlier run)."""
+    _LAST_HASHED[:] = [templates, _views_key(version), list(hashed)]
+
+
+def _views_key(version: ModelVersion) -> tuple:
+    return (version.text_template, tuple((v.name, v.text_template) for v in version.views))
+
+
+def _hash_version_templates(templates: list[Template], version: ModelVersion) -> list[HashedTemplate]:
     if not version.views:
         return hash_templates(templates, version.text_template)
     hashed = []
@@ -65,3 +91,9 @@ def hash_version_templates(templates: list[Template], version: ModelVersion) -> 
         combined = content_hash("\n".join(f"{v.name}:{h}" for v, h in zip(version.views, hashes, strict=True)))
         hashed.append(HashedTemplate(template, texts[0], combined, texts, hashes))
     return hashed
+
+
+def hashed_digest(hashed: list[HashedTemplate]) -> str:
+    """SHA-256 of each template's id and content hash, in order: what a published version must hold."""
+    rows = "\n".join(f"{h.template.template_id}\t{h.content_hash}" for h in hashed)
+    return hashlib.sha256(rows.encode("utf-8", "surrogatepass")).hexdigest()

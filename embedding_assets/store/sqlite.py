@@ -562,6 +562,20 @@ class SqliteStore(PublishingStore):
             raise StoreReadOnlyError(f"{self.path} is open read-only{why}; it cannot be written")
         return self._transaction("BEGIN IMMEDIATE")
 
+    def change_marker(self) -> str:
+        """Size and modification time of the database file and of its write-ahead log: any write to the
+        store, through this code or not, changes them; reading does not (an empty log is created by the
+        first reader, so only its size counts)."""
+        marks = []
+        for path in (self.path, self.path.with_name(f"{self.path.name}-wal")):
+            try:
+                found = path.stat()
+            except FileNotFoundError:
+                marks.append("0")
+            else:
+                marks.append(f"{found.st_size}:{found.st_mtime_ns}" if found.st_size else "0")
+        return "/".join(marks)
+
     def check_integrity(self) -> None:
         """Raise StoreCorruptError when SQLite's quick_check finds damaged pages (a lock is StoreLockedError)."""
         with self._read() as session:
