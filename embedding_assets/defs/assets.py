@@ -6,17 +6,25 @@ import numpy as np
 from pydantic import Field
 
 from embedding_assets.defs.budget import estimate_metadata
-from embedding_assets.defs.io_managers import unhealthy_published_ids, writer_lock
+from embedding_assets.defs.io_managers import (
+    MISSING,
+    forget_inputs_key,
+    inputs_key_of,
+    recall,
+    unhealthy_published_ids,
+    writer_lock,
+)
 from embedding_assets.defs.jobs import GROUP
 from embedding_assets.defs.resources import FaqWorkbook, ModelCatalog, StoreResource
 from embedding_assets.lib import progress
 from embedding_assets.lib.embedders import embed_with_cache
 from embedding_assets.lib.faq import Template
-from embedding_assets.lib.hashing import HashedTemplate, hash_version_templates
+from embedding_assets.lib.hashing import HashedTemplate, hash_version_templates, remember_hashed
+from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import ChangePlan, build_change_plan, estimate_plan
 from embedding_assets.lib.verification import mark_for_repair
 from embedding_assets.lib.version_table import VersionTable, template_vectors
-from embedding_assets.store import ModelVersionMismatchError
+from embedding_assets.store import ModelVersionMismatchError, StoreError, VersionInfo
 from embedding_assets.store.base import mismatch_message
 
 LISTED_IDS = 20
@@ -79,7 +87,15 @@ def _ms(seconds: float) -> dg.MetadataValue:
 def faq_templates(context: dg.AssetExecutionContext, faq: FaqWorkbook) -> dg.Output[list[Template]]:
     """FAQ templates parsed and normalised from the Excel workbook."""
     started = time.perf_counter()
-    templates = faq.read()
+    key = faq.inputs_key()
+    templates = recall(context, key and f"faq_templates\n{key}")
+    reused = templates is not MISSING
+    if reused:
+        context.log.info(f"FAQ {faq.path}: unchanged since it was last parsed; its {len(templates)} template(s) reused")
+    else:
+        templates = faq.read()
+        if faq.inputs_key() != key:  # saved again while it was read: what was parsed is not known to match
+            forget_inputs_key(context)
     return dg.Output(
         templates,
         metadata={
@@ -88,9 +104,29 @@ def faq_templates(context: dg.AssetExecutionContext, faq: FaqWorkbook) -> dg.Out
             "subcategories": dg.MetadataValue.int(len({(t.category, t.subcategory) for t in templates})),
             "faq_path": dg.MetadataValue.path(faq.path),
             "parse_ms": _ms(time.perf_counter() - started),
+            "reused_parse": dg.MetadataValue.bool(reused),
             "preview": dg.MetadataValue.md(_preview(templates)),
         },
     )
+
+
+def _recalled_plan(
+    context: dg.AssetExecutionContext, config: ChangePlanConfig, template_hashes: list[HashedTemplate],
+    version: ModelVersion, store: StoreResource,
+) -> tuple[ChangePlan | object, VersionInfo | None]:
+    """The plan an earlier run made from the same hashed templates against the same published slice of the
+    same, unwritten store (so also found intact then), and the version's record; MISSING when there is none."""
+    hashes_key = inputs_key_of(template_hashes)
+    if hashes_key is None or config.force or config.repair:
+        return recall(context, None), None
+    try:
+        with store.open() as opened:
+            state, stored, marker = opened.state(), opened.version(version.key), opened.change_marker()
+    except StoreError:  # the checked open that follows says what is wrong
+        return recall(context, None), None
+    published = None if stored is None else (stored.generation, stored.fingerprint, stored.rows, stored.ranking)
+    key = f"change_plan\n{hashes_key}\n{state.store_id}\n{marker}\n{version.fingerprint()}\n{published!r}"
+    return recall(context, key), stored
 
 
 def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) -> list[dg.AssetsDefinition]:
@@ -105,7 +141,14 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
     ) -> dg.Output[list[HashedTemplate]]:
         """SHA-256 of the exact text each template is embedded as, per model version (partition)."""
         version = models.get(context.partition_key)
-        hashed = hash_version_templates(faq_templates, version)
+        faq_key = inputs_key_of(faq_templates)
+        views = [(v.name, v.text_template) for v in version.views]
+        hashed = recall(context, faq_key and f"template_hashes\n{faq_key}\n{version.text_template!r}\n{views!r}")
+        reused = hashed is not MISSING
+        if reused:
+            remember_hashed(faq_templates, version, hashed)
+        else:
+            hashed = hash_version_templates(faq_templates, version)
         unique = len({h.content_hash for h in hashed})
         view_texts = {text_hash for h in hashed for text_hash in h.vector_hashes()}
         return dg.Output(
@@ -117,6 +160,7 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
                 "text_template": dg.MetadataValue.text(version.text_template),
                 "views": dg.MetadataValue.json({v.name: v.text_template for v in version.text_views}),
                 "unique_view_texts": dg.MetadataValue.int(len(view_texts)),
+                "reused_hashes": dg.MetadataValue.bool(reused),
             },
         )
 
@@ -133,19 +177,25 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
     ) -> dg.Output[ChangePlan]:
         """Templates new, modified, deleted or unchanged against one model version's (partition's) published store."""
         version = models.get(context.partition_key)
-        with store.open_checked(rebuild_damaged=config.force, log=context.log) as opened:
-            stored, published = opened.published(version.key)
-            repaired = unhealthy_published_ids(opened, version.key) if config.repair and stored else []
-        published = mark_for_repair(published, repaired)
-        if stored and stored.fingerprint != version.fingerprint() and not config.force:
-            raise ModelVersionMismatchError(mismatch_message(version, stored))
-        plan = build_change_plan(
-            template_hashes,
-            published,
-            model_version=version.key,
-            base_generation=stored.generation if stored else None,
-            rebuild=config.force,
-        )
+        plan, stored = _recalled_plan(context, config, template_hashes, version, store)
+        reused = plan is not MISSING
+        repaired: list[str] = []
+        if not reused:
+            with store.open_checked(rebuild_damaged=config.force, log=context.log) as opened:
+                store_id = opened.state().store_id
+                stored, published = opened.published(version.key)
+                repaired = unhealthy_published_ids(opened, version.key) if config.repair and stored else []
+            published = mark_for_repair(published, repaired)
+            if stored and stored.fingerprint != version.fingerprint() and not config.force:
+                raise ModelVersionMismatchError(mismatch_message(version, stored))
+            plan = build_change_plan(
+                template_hashes,
+                published,
+                model_version=version.key,
+                base_generation=stored.generation if stored else None,
+                rebuild=config.force,
+                base_store_id=store_id,
+            )
         with store.open() as opened:
             estimate = estimate_plan(plan, version, opened.cache(version), stored.rows if stored else 0)
         metadata = {name: dg.MetadataValue.int(count) for name, count in plan.counts().items()}
@@ -156,6 +206,7 @@ def build_assets(partitions_def: dg.PartitionsDefinition, store_backend: str) ->
                 "rebuild": dg.MetadataValue.bool(plan.rebuild),
                 "repaired": dg.MetadataValue.int(len(repaired)),
                 "base_generation": dg.MetadataValue.int(plan.base_generation or 0),
+                "reused_plan": dg.MetadataValue.bool(reused),
                 "new_ids": dg.MetadataValue.json([i.template_id for i in plan.new[:LISTED_IDS]]),
                 "modified_ids": dg.MetadataValue.json([i.template_id for i in plan.modified[:LISTED_IDS]]),
                 "deleted_ids": dg.MetadataValue.json(plan.deleted[:LISTED_IDS]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, replace
@@ -102,12 +103,15 @@ def write_version_table(store: EmbeddingStore, table: VersionTable) -> TableWrit
 
 
 def _current_plan(store: EmbeddingStore, table: VersionTable) -> tuple[VersionInfo | None, ChangePlan]:
-    """The version's record and what writing the table changes: the table's own plan while the generation it
-    was made against is still published (the rows are not read again), else the table diffed against them."""
+    """The version's record and what writing the table changes: the table's own plan while the store and
+    generation it was made against are still published (the rows are not read again), else the table
+    diffed against them. A plan read back from disk names its store by id only (its `base` rows are not
+    kept), which is enough: every publish of a version bumps its generation."""
     planned = table.plan
-    if planned is not None and planned.base is not None and not table.rebuild:
+    if planned is not None and not table.rebuild and (planned.base is not None or planned.base_store_id):
         stored = store.version(table.version.key)
-        if (stored.generation if stored else None) == table.base_generation:
+        same_store = planned.base_store_id is None or planned.base_store_id == store.state().store_id
+        if (stored.generation if stored else None) == table.base_generation and same_store:
             return stored, planned
     stored, published = store.published(table.version.key)
     stale = (stored.generation if stored else None) != table.base_generation and not table.rebuild
@@ -197,6 +201,9 @@ class EmbeddingStoreIOManager(dg.ConfigurableIOManager):
 
 _RUN_OUTPUTS: dict[tuple[str, str], object] = {}  # (run id, output path) -> value, for the latest run of this process
 _RUN_SOURCES: dict[str, list[intermediates.Source]] = {}  # run id -> its stored list outputs, for the latest run
+_RUN_MEMO_KEYS: dict[tuple[str, str], str] = {}  # (run id, pointer) -> the inputs key its output is made from
+_RUN_RECALLED: dict[tuple[str, str], tuple[object, str, tuple[str, ...]]] = {}  # -> (value, blob, blobs it names)
+_INPUTS_KEYS: dict[int, tuple[object, str]] = {}  # id(value) -> (value, the inputs key it was made from)
 
 
 class IntermediateIOManager(dg.ConfigurableIOManager):
@@ -206,7 +213,8 @@ class IntermediateIOManager(dg.ConfigurableIOManager):
     directory, plus a small pointer per asset (and partition) naming that blob and the blobs it refers to
     (see lib/intermediates.py: records already stored by an earlier output of the run are named by position,
     not stored again). A run whose outputs equal the previous run's writes nothing, and a blob no pointer
-    names any more is deleted.
+    names any more is deleted. An asset that computes a key of everything its output depends on can
+    `recall` its latest output made from the same key instead of computing it again.
     """
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
@@ -219,22 +227,32 @@ class IntermediateIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: object) -> None:
         root = Path(context.step_context.instance.storage_directory()) / "intermediates"
         pointer = self._pointer(context, root.parent)
+        slot = (context.run_id, str(pointer))
         _forget_other_runs(context.run_id)
-        _RUN_OUTPUTS[(context.run_id, str(pointer))] = obj
-        data, refs = intermediates.dumps(_persisted(obj), _RUN_SOURCES[context.run_id])
-        digest = hashlib.sha256(data).hexdigest()
-        blob = _blob(root, digest)
-        if not blob.exists():
-            _write_atomically(blob, data)
+        _RUN_OUTPUTS[slot] = obj
+        recalled = _RUN_RECALLED.get(slot)
+        if recalled is not None and recalled[0] is obj:  # the stored output itself: nothing to write
+            digest, refs = recalled[1], recalled[2]
+            stored_bytes = _blob(root, digest).stat().st_size
+        else:
+            data, refs = intermediates.dumps(_persisted(obj), _RUN_SOURCES[context.run_id])
+            digest, stored_bytes = hashlib.sha256(data).hexdigest(), len(data)
+            blob = _blob(root, digest)
+            if not blob.exists():
+                _write_atomically(blob, data)
+        memo_key = _RUN_MEMO_KEYS.get(slot)
         named = [digest, *refs]
-        replaced = _named_blobs(pointer)
-        if replaced != named:
-            _write_atomically(pointer, "\n".join(named).encode())
-            for old in set(replaced) - set(named):
+        written = [*named, *([f"{_KEY_PREFIX}{memo_key}"] if memo_key is not None else [])]
+        replaced = _pointer_lines(pointer)
+        if replaced != written:  # one atomic write: the blobs and the key they were made from go together
+            _write_atomically(pointer, "\n".join(written).encode())
+            for old in set(_blob_names(replaced)) - set(named):
                 _drop_unreferenced(root, old)
+        if memo_key is not None:
+            _INPUTS_KEYS[id(obj)] = (obj, memo_key)
         if intermediates.is_source(obj):
             _RUN_SOURCES[context.run_id].append(intermediates.Source(digest, refs, obj))
-        context.add_output_metadata({"stored_bytes": dg.MetadataValue.int(len(data))})
+        context.add_output_metadata({"stored_bytes": dg.MetadataValue.int(stored_bytes)})
 
     def load_input(self, context: dg.InputContext) -> object:
         root = Path(context.instance.storage_directory()) / "intermediates"
@@ -256,22 +274,91 @@ class IntermediateIOManager(dg.ConfigurableIOManager):
         return value
 
 
+def recall(context: dg.AssetExecutionContext, inputs_key: str | None) -> object:
+    """The asset's (partition's) latest stored output when it was made from inputs of the same key, else
+    MISSING; either way the output this step returns is recorded as made from `inputs_key`.
+
+    `inputs_key` must change whenever anything the output depends on changes (None: do not recall).
+    A recalled output is not stored again, and records it shares with this run's earlier outputs are
+    the same objects.
+    """
+    root = Path(context.instance.storage_directory()) / "intermediates"
+    pointer = root / "pointers" / f"{_asset_output_name(context)}.ref"
+    run_id = context.run.run_id
+    _forget_other_runs(run_id)
+    slot = (run_id, str(pointer))
+    if inputs_key is None:
+        _RUN_MEMO_KEYS.pop(slot, None)
+        return MISSING
+    inputs_key = hashlib.sha256(inputs_key.encode("utf-8", "surrogatepass")).hexdigest()
+    _RUN_MEMO_KEYS[slot] = inputs_key
+    lines = _pointer_lines(pointer)
+    if f"{_KEY_PREFIX}{inputs_key}" not in lines:
+        return MISSING
+    in_run = {source.digest: source.items for source in _RUN_SOURCES[run_id]}
+    try:
+        digest, *refs = _blob_names(lines)
+        value = intermediates.loads(_blob(root, digest).read_bytes(), lambda d: _blob(root, d).read_bytes(), in_run)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError):
+        return MISSING  # a blob lost or unreadable: the step computes its output again
+    _RUN_RECALLED[slot] = (value, digest, tuple(refs))
+    _INPUTS_KEYS[id(value)] = (value, inputs_key)
+    return value
+
+
+def forget_inputs_key(context: dg.AssetExecutionContext) -> None:
+    """Record this step's output as made from no known inputs key (what it read changed while it ran)."""
+    recall(context, None)
+
+
+def inputs_key_of(value: object) -> str | None:
+    """The inputs key an output of this run was recalled or recorded with; None when not known."""
+    found = _INPUTS_KEYS.get(id(value))
+    return found[1] if found is not None and found[0] is value else None
+
+
 _MISSING = object()
+MISSING = _MISSING
 
 
 def _forget_other_runs(run_id: str) -> None:
-    for key in [k for k in _RUN_OUTPUTS if k[0] != run_id]:
-        del _RUN_OUTPUTS[key]
+    for kept in (_RUN_OUTPUTS, _RUN_MEMO_KEYS, _RUN_RECALLED):
+        for key in [k for k in kept if k[0] != run_id]:
+            del kept[key]
+    if any(r != run_id for r in _RUN_SOURCES):
+        _INPUTS_KEYS.clear()
     for other in [r for r in _RUN_SOURCES if r != run_id]:
         del _RUN_SOURCES[other]
     _RUN_SOURCES.setdefault(run_id, [])
 
 
+_KEY_PREFIX = "inputs-key "
+
+
+def _pointer_lines(pointer: Path) -> list[str]:
+    try:
+        return pointer.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def _blob_names(lines: list[str]) -> list[str]:
+    return [line for line in lines if line and not line.startswith(_KEY_PREFIX)]
+
+
+def _asset_output_name(context: dg.AssetExecutionContext) -> str:
+    """What _output_name says of the asset's output, from the step's own context."""
+    name = "/".join(context.asset_key.path)
+    partitioned = context.assets_def.partitions_def is not None and context.has_partition_key
+    return f"{name}/{context.partition_key}" if partitioned else name
+
+
 def _persisted(obj: object) -> object:
     """What is kept on disk of an output: a change plan without the published rows it was made against.
 
-    A plan read back in another process therefore cannot be applied as it is: writing it diffs the table
-    against the published rows again (see write_version_table).
+    A plan read back in another process is applied as it is only while the store (by id) and the
+    generation it was made against are published; otherwise writing it diffs the table against the
+    published rows again (see write_version_table).
     """
     if isinstance(obj, ChangePlan) and obj.base is not None:
         return replace(obj, base=None)
@@ -284,10 +371,7 @@ def _blob(root: Path, digest: str) -> Path:
 
 def _named_blobs(pointer: Path) -> list[str]:
     """The blob a pointer names, then the blobs that blob refers to; [] when there is no pointer."""
-    try:
-        return pointer.read_text().split()
-    except FileNotFoundError:
-        return []
+    return _blob_names(_pointer_lines(pointer))
 
 
 def _output_name(context: dg.OutputContext | dg.InputContext) -> str:

@@ -1,4 +1,6 @@
+import hashlib
 import os
+from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -7,7 +9,7 @@ from pydantic import Field, PrivateAttr
 
 from embedding_assets.defs.io_managers import STORE_URL_DESCRIPTION, EmbeddingStoreIOManager, IntermediateIOManager
 from embedding_assets.lib.embedders import Embedder, embedder_for
-from embedding_assets.lib.faq import FaqColumns, FaqSheet, Template, read_faq
+from embedding_assets.lib.faq import FaqColumns, FaqSheet, Template, faq_reader_code, read_faq
 from embedding_assets.lib.model_versions import ModelVersion, ModelVersionCatalog
 from embedding_assets.lib.openai_settings import DEFAULT_API_KEY_ENV, OpenAISettings
 from embedding_assets.lib.plan import DEFAULT_MAX_REEMBED_SHARE, BudgetLimits
@@ -57,6 +59,18 @@ class FaqWorkbook(dg.ConfigurableResource):
 
     def read(self) -> list[Template]:
         return self.read_sheet().templates
+
+    def inputs_key(self) -> str | None:
+        """What the parsed templates depend on: the file's bytes, these settings and the reader's code;
+        None when the file cannot be read."""
+        try:
+            data = Path(self.path).read_bytes()
+        except OSError:
+            return None
+        settings = (self.path, self.sheet, self.header_row, self.category_column, self.subcategory_column,
+                    self.question_column, self.answer_column, self.priority_column, self.audience_column,
+                    self.id_column)
+        return f"{hashlib.sha256(data).hexdigest()}\n{settings!r}\n{faq_reader_code()}"
 
     def read_sheet(self) -> FaqSheet:
         """The templates with the sheet and header row they came from; logs which sheet was read."""

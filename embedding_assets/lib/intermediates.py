@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 
 _READER: ContextVar[Callable[[str], list]] = ContextVar("intermediate_reader")
@@ -35,9 +35,12 @@ def dumps(obj: object, sources: Sequence[Source] = ()) -> tuple[bytes, tuple[str
     return data, tuple(sorted(refs))
 
 
-def loads(data: bytes, read_blob: Callable[[str], bytes]) -> object:
-    """The object `dumps` was given; `read_blob(digest)` returns a referred blob's bytes (each read once)."""
-    loaded: dict[str, list] = {}
+def loads(data: bytes, read_blob: Callable[[str], bytes], known: Mapping[str, list] | None = None) -> object:
+    """The object `dumps` was given; `read_blob(digest)` returns a referred blob's bytes (each read once).
+
+    `known` maps digests of blobs already loaded to their items, which are then named, not read again.
+    """
+    loaded: dict[str, list] = dict(known or {})
 
     def items_of(digest: str) -> list:
         if digest not in loaded:

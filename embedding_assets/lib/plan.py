@@ -50,6 +50,8 @@ class ChangePlan:
     rebuild: bool = False
     base: Mapping[str, StoredTemplate] | None = field(default=None, compare=False, repr=False)
     """The published templates the plan was made against (lets a publish rebase a stale plan safely)."""
+    base_store_id: str | None = field(default=None, compare=False)
+    """The id of the store the plan was made against: with `base_generation` it names the published rows."""
 
     @property
     def has_changes(self) -> bool:
@@ -85,10 +87,13 @@ def build_change_plan(
     model_version: str,
     base_generation: int | None,
     rebuild: bool = False,
+    base_store_id: str | None = None,
 ) -> ChangePlan:
     """Classify every template; with rebuild, everything counts as new."""
     if rebuild:
-        return ChangePlan(model_version, base_generation, new=list(current), deleted=[], rebuild=True)
+        return ChangePlan(
+            model_version, base_generation, new=list(current), deleted=[], rebuild=True, base_store_id=base_store_id
+        )
     new, modified, unchanged, metadata_updated = [], [], [], []
     for item in current:
         stored = published.get(item.template_id)
@@ -103,7 +108,8 @@ def build_change_plan(
     current_ids = {item.template_id for item in current}
     deleted = sorted(tid for tid in published if tid not in current_ids)
     return ChangePlan(
-        model_version, base_generation, new, modified, unchanged, metadata_updated, deleted, base=published
+        model_version, base_generation, new, modified, unchanged, metadata_updated, deleted, base=published,
+        base_store_id=base_store_id,
     )
 
 
