@@ -169,7 +169,7 @@ def _unusable(previous: SearchState | None, ids: np.ndarray, min_cosine: float, 
         return f"the threshold changed from {previous.threshold} to {min_cosine}"
     if previous.dimension != dimension:
         return f"the dimension changed from {previous.dimension} to {dimension}"
-    if np.unique(ids).size != ids.size:
+    if len(set(ids.tolist())) != ids.size:
         return "template ids repeat"
     return None
 
@@ -177,16 +177,13 @@ def _unusable(previous: SearchState | None, ids: np.ndarray, min_cosine: float, 
 def _compare_rows(previous: SearchState, ids: np.ndarray, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each earlier row, its current position if its id and vector are unchanged (else -1);
     and the current positions of the new or changed rows."""
-    earlier = {(str(i), int(d)): position for position, (i, d) in enumerate(zip(previous.ids, previous.digests))}
+    earlier = dict(zip(previous.ids.tolist(), range(previous.ids.size)))
+    matches = np.fromiter((earlier.get(template_id, -1) for template_id in ids.tolist()), np.int64, ids.size)
+    same = matches >= 0
+    same[same] = previous.digests[matches[same]] == digests[same]
     unchanged = np.full(previous.ids.size, -1, dtype=np.int64)
-    changed = []
-    for position, (template_id, digest) in enumerate(zip(ids.tolist(), digests.tolist())):
-        match = earlier.get((template_id, digest))
-        if match is None:
-            changed.append(position)
-        else:
-            unchanged[match] = position
-    return unchanged, np.asarray(changed, dtype=np.int64)
+    unchanged[matches[same]] = np.flatnonzero(same)
+    return unchanged, np.flatnonzero(~same)
 
 
 def _kept_pairs(previous: SearchState, unchanged: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -201,15 +198,14 @@ def _changed_pairs(
     unit: np.ndarray, changed: np.ndarray, min_cosine: float, block_rows: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair at or above the threshold that involves a changed row, each once (first < second)."""
-    is_changed = np.zeros(unit.shape[0], dtype=bool)
-    is_changed[changed] = True
-    columns = np.arange(unit.shape[0])
     firsts, seconds, cosines = [], [], []
     for start in range(0, changed.size, block_rows):
         rows = changed[start:start + block_rows]
         similarities = unit[rows] @ unit.T
         # a pair of two changed rows is counted from its first row only; a row is not its own pair
-        similarities[is_changed[None, :] & (columns[None, :] <= rows[:, None])] = -np.inf
+        among_changed = similarities[:, changed]
+        among_changed[changed[None, :] <= rows[:, None]] = -np.inf
+        similarities[:, changed] = among_changed
         hit_rows, hit_columns = np.nonzero(similarities >= min_cosine)
         firsts.append(np.minimum(rows[hit_rows], hit_columns))
         seconds.append(np.maximum(rows[hit_rows], hit_columns))
