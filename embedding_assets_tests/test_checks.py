@@ -17,6 +17,7 @@ from embedding_assets.defs.schedules import DRIFT_TAG, REPAIR_CONFIG, build_stor
 from embedding_assets.lib.faq import parse_faq
 from embedding_assets.lib.faq_checks import faq_content_problems
 from embedding_assets.lib.model_versions import ModelVersionCatalog
+from embedding_assets.lib.near_duplicates import load_search_state
 from embedding_assets.retrieval.quality import ValidationQuery, top_k_accuracy
 from embedding_assets.store import open_store
 from embedding_assets_tests.conftest import make_template, read_rows, write_rows
@@ -231,3 +232,72 @@ def test_a_vector_of_the_wrong_dimension_is_repaired_by_republishing_the_version
     assert outcome.metadata["change_plan"]["repaired"] == 90
     assert outcome.calls == []
     assert report(faq, store).healthy
+
+
+QUESTION = 3
+
+
+def near_duplicate_metadata(outcome) -> dict:
+    return {k: v.value for k, v in outcome.checks["near_duplicate_templates"].metadata.items()}
+
+
+def edit_with_a_near_duplicate(faq: Path) -> None:
+    """Reword one question, delete one template, add a reworded copy of another (a near-duplicate pair)."""
+    rows = read_rows(faq)
+    rows[10][QUESTION] = rows[10][QUESTION].rstrip("?") + " сегодня?"
+    duplicate = [*rows[6]]
+    duplicate[0], duplicate[QUESTION] = "DUP-001", rows[6][QUESTION].rstrip("?") + ", подскажите?"
+    del rows[20]
+    write_rows(faq, [*rows, duplicate])
+
+
+def near_duplicate_states(instance: dg.DagsterInstance) -> list[Path]:
+    return sorted((Path(instance.storage_directory()) / "near_duplicates").glob("*"))
+
+
+def test_after_an_edit_the_near_duplicate_check_compares_only_the_changed_rows_and_finds_what_a_full_search_finds(
+    warm,
+):
+    faq, store = warm
+    instance = dg.DagsterInstance.ephemeral()
+    first = near_duplicate_metadata(run_pipeline(faq, store, instance=instance, checks=CHECKS))
+    assert (first["incremental"], first["rows_compared"], first["templates"], first["pair_count"]) == (False, 90, 90, 0)
+    (state,) = near_duplicate_states(instance)
+    assert state.name.endswith(f"--{KEY}.npz") and state.name.startswith(first["evaluated_state"].split(":")[0])
+
+    edit_with_a_near_duplicate(faq)
+    edited = run_pipeline(faq, store, instance=instance, checks=CHECKS)
+    assert edited.result.success and len(edited.embedded_texts) == 2
+    found = edited.checks["near_duplicate_templates"]
+    metadata = near_duplicate_metadata(edited)
+    assert (metadata["incremental"], metadata["rows_compared"], metadata["templates"]) == (True, 2, 90)
+    assert (metadata["pair_count"], metadata["reevaluated"]) == (1, True)
+    assert {metadata["pairs"][0]["first_id"], metadata["pairs"][0]["second_id"]} == {"DUP-001", read_rows(faq)[6][0]}
+
+    # a new instance has no saved search: the full search gives the same result
+    full_run = run_pipeline(faq, store, instance=dg.DagsterInstance.ephemeral(), checks=CHECKS)
+    full = full_run.checks["near_duplicate_templates"]
+    full_metadata = near_duplicate_metadata(full_run)
+    assert (full_metadata.pop("incremental"), full_metadata.pop("rows_compared")) == (False, 90)
+    assert full_metadata == {k: v for k, v in metadata.items() if k not in ("incremental", "rows_compared")}
+    assert (full.passed, full.severity, full.description) == (False, found.severity, found.description)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_near_duplicate_state_means_a_full_search_with_the_right_result(warm, damage):
+    faq, store = warm
+    instance = dg.DagsterInstance.ephemeral()
+    assert run_pipeline(faq, store, instance=instance, checks=CHECKS).result.success
+    (state,) = near_duplicate_states(instance)
+    state.write_bytes(b"\x00not a saved search" if damage == "garbage" else state.read_bytes()[:300])
+
+    edit_with_a_near_duplicate(faq)
+    outcome = run_pipeline(faq, store, instance=instance, checks=CHECKS)
+
+    assert outcome.result.success
+    evaluation = outcome.checks["near_duplicate_templates"]
+    metadata = near_duplicate_metadata(outcome)
+    assert (metadata["incremental"], metadata["rows_compared"], metadata["pair_count"]) == (False, 90, 1)
+    assert not evaluation.passed and evaluation.description == "1 pair(s) of templates with vectors at cosine >= 0.98"
+    assert near_duplicate_states(instance) == [state]
+    assert load_search_state(state).ids.size == 90  # the full search saved a readable state again

@@ -287,6 +287,7 @@ def test_near_duplicate_check_finds_the_injected_pair_and_nothing_else_on_the_sa
     store_id = clean_metadata.pop("evaluated_state").split(":")[0]
     assert clean_metadata == {
         "threshold": 0.98, "templates": 90, "pair_count": 0, "pairs": [], "requests": 0, "reevaluated": True,
+        "incremental": False, "rows_compared": 90,
     }
 
     found = changed.checks["near_duplicate_templates"]
@@ -299,6 +300,7 @@ def test_near_duplicate_check_finds_the_injected_pair_and_nothing_else_on_the_sa
     assert pair["model_version"] == KEY and 0.98 <= pair["cosine"] <= 1.0
     assert found.description == "1 pair(s) of templates with vectors at cosine >= 0.98"
     assert metadata["evaluated_state"] == f"{store_id}: {KEY}@2; cosine >= 0.98"
+    assert (metadata["incremental"], metadata["rows_compared"]) == (True, 1)  # only the new row against all
 
     # a rerun on the same generation repeats the result without reading the vectors again
     repeated = again.checks["near_duplicate_templates"]

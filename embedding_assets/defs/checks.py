@@ -1,4 +1,5 @@
 import hashlib
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -13,7 +14,13 @@ from embedding_assets.lib.faq import Template, missing_id_column_problems, templ
 from embedding_assets.lib.hashing import hash_version_templates, hashed_digest
 from embedding_assets.lib.faq_checks import faq_content_problems
 from embedding_assets.lib.model_versions import ModelVersion
-from embedding_assets.lib.near_duplicates import near_duplicate_pairs
+from embedding_assets.lib.near_duplicates import (
+    SearchState,
+    UnreadableSearchState,
+    load_search_state,
+    save_search_state,
+    search_near_duplicates,
+)
 from embedding_assets.lib.verification import LISTED
 from embedding_assets.retrieval import TemplateRetriever
 from embedding_assets.retrieval.evaluation import LabelledQuery, query_hash, top_changes
@@ -24,6 +31,7 @@ from embedding_assets.store import EmbeddingStore, StoreNotFoundError, open_stor
 PREVIOUS_EVALUATIONS = 20  # of retrieval_quality, searched for one that saw the same store and queries
 CHANGED_QUERIES_LISTED = 50  # queries whose top-k answer an edit changed, listed in the check's metadata
 NEAR_DUPLICATES_LISTED = 50
+NEAR_DUPLICATE_STATES = "near_duplicates"  # folder of the instance's storage with each version's last search
 
 
 def _listed(items: list[str]) -> dg.MetadataValue:
@@ -159,7 +167,7 @@ def build_store_checks() -> list[dg.AssetChecksDefinition]:
     ) -> dg.AssetCheckResult:
         """No two different templates whose published vectors are nearly identical (stored vectors, no embedding)."""
         threshold = store.near_duplicate_cosine
-        pairs, total, templates = [], 0, 0
+        pairs, total, templates, rows_compared, incremental = [], 0, 0, 0, True
         with store.open() as opened:
             versions = _checked_versions(context, models, opened)
             generations = ", ".join(f"{v.key}@{getattr(opened.version(v.key), 'generation', None)}" for v in versions)
@@ -173,10 +181,22 @@ def build_store_checks() -> list[dg.AssetChecksDefinition]:
                     )
             for version in versions:
                 snapshot = opened.snapshot(version.key)
-                found = near_duplicate_pairs(snapshot.matrix, threshold, limit=NEAR_DUPLICATES_LISTED)
+                columns = snapshot.columns
+                state_path = _near_duplicate_state_path(context, snapshot.store_id, version.key)
+                search = search_near_duplicates(
+                    columns["template_id"], snapshot.matrix, threshold, _previous_search_state(context, state_path),
+                    limit=NEAR_DUPLICATES_LISTED,
+                )
+                _save_search_state(context, state_path, search.state)
+                context.log.info(
+                    f"near_duplicate_templates: {version.key}: compared {search.rows_compared} of {len(snapshot)} "
+                    f"rows with all ({'incremental: ' if search.incremental else 'full search: '}{search.reason})"
+                )
+                found = search.found
                 total += found.total
                 templates += len(snapshot)
-                columns = snapshot.columns
+                rows_compared += search.rows_compared
+                incremental = incremental and search.incremental
                 pairs += [
                     {"model_version": version.key, "first_id": columns["template_id"][i],
                      "first_question": columns["question"][i], "second_id": columns["template_id"][j],
@@ -197,10 +217,35 @@ def build_store_checks() -> list[dg.AssetChecksDefinition]:
                 "requests": dg.MetadataValue.int(0),
                 "evaluated_state": dg.MetadataValue.text(evaluated_state),
                 "reevaluated": dg.MetadataValue.bool(True),
+                "incremental": dg.MetadataValue.bool(incremental and bool(versions)),
+                "rows_compared": dg.MetadataValue.int(rows_compared),
             },
         )
 
     return [store_matches_faq, retrieval_quality, near_duplicate_templates]
+
+
+def _near_duplicate_state_path(context: dg.AssetCheckExecutionContext, store_id: str, key: str) -> Path:
+    """Where the last near-duplicate search of one store's model version is kept, in the instance's storage."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{store_id or 'store'}--{key}")
+    return Path(context.instance.storage_directory()) / NEAR_DUPLICATE_STATES / f"{name}.npz"
+
+
+def _previous_search_state(context: dg.AssetCheckExecutionContext, path: Path) -> SearchState | None:
+    """The saved search, or None (a full search) when it is missing or cannot be used."""
+    try:
+        return load_search_state(path)
+    except UnreadableSearchState as exc:
+        if path.exists():
+            context.log.warning(f"near_duplicate_templates: searching all pairs: {exc}")
+        return None
+
+
+def _save_search_state(context: dg.AssetCheckExecutionContext, path: Path, state: SearchState) -> None:
+    try:
+        save_search_state(path, state)
+    except OSError as exc:  # the next search is full; this one's result stands
+        context.log.warning(f"near_duplicate_templates: the search could not be kept at {path}: {exc}")
 
 
 def _checked_versions(
