@@ -305,7 +305,7 @@ def test_near_duplicate_check_finds_the_injected_pair_and_nothing_else_on_the_sa
     # a rerun on the same generation repeats the result without reading the vectors again
     repeated = again.checks["near_duplicate_templates"]
     assert (repeated.passed, repeated.description) == (False, found.description)
-    assert {k: v.value for k, v in repeated.metadata.items()} == {**metadata, "reevaluated": False}
+    assert {k: v.value for k, v in repeated.metadata.items()} == {**metadata, "reevaluated": False, "rows_compared": 0}
 
 
 # --- every answer names its source -------------------------------------------------------------------

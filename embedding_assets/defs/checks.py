@@ -7,12 +7,12 @@ import dagster as dg
 import numpy as np
 
 from embedding_assets.defs.assets import FAQ_TEMPLATES, NO_TEXTS, faq_templates
-from embedding_assets.defs.io_managers import inputs_key_of, verify_published
+from embedding_assets.defs.io_managers import inputs_key_of, verify_snapshot
 from embedding_assets.defs.resources import FaqWorkbook, ModelCatalog, StoreResource, ValidationQueries
 from embedding_assets.lib.embedding_base import EmbeddingCost
 from embedding_assets.lib.faq import Template, missing_id_column_problems, templates_digest
-from embedding_assets.lib.hashing import hash_version_templates, hashed_digest
 from embedding_assets.lib.faq_checks import faq_content_problems
+from embedding_assets.lib.hashing import hash_version_templates, hashed_digest
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.near_duplicates import (
     SearchState,
@@ -21,11 +21,11 @@ from embedding_assets.lib.near_duplicates import (
     save_search_state,
     search_near_duplicates,
 )
-from embedding_assets.lib.verification import LISTED
-from embedding_assets.retrieval import TemplateRetriever
+from embedding_assets.lib.verification import LISTED, StoreReport
 from embedding_assets.retrieval.evaluation import LabelledQuery, query_hash, top_changes
+from embedding_assets.retrieval.memory import MemoryIndex
 from embedding_assets.retrieval.quality import QualityReport, load_validation_queries, top_k_accuracy
-from embedding_assets.store import EmbeddingStore, StoreNotFoundError, open_store
+from embedding_assets.store import EmbeddingStore, StoreError, StoreNotFoundError, StoreSnapshot, open_store
 
 
 PREVIOUS_EVALUATIONS = 20  # of retrieval_quality, searched for one that saw the same store and queries
@@ -87,9 +87,10 @@ def _reused_result(
     for previous in _recent_evaluations(context, check, asset):
         if getattr(previous.metadata.get("evaluated_state"), "value", None) == evaluated_state:
             context.log.info(f"{check}: what it reads is unchanged ({evaluated_state}); kept the last result")
+            searched = {"rows_compared": dg.MetadataValue.int(0)} if "rows_compared" in previous.metadata else {}
             return dg.AssetCheckResult(
                 passed=previous.passed, severity=previous.severity, description=previous.description,
-                metadata={**previous.metadata, "reevaluated": dg.MetadataValue.bool(False)},
+                metadata={**previous.metadata, **searched, "reevaluated": dg.MetadataValue.bool(False)},
             )
     return None
 
@@ -121,7 +122,13 @@ def build_store_checks() -> list[dg.AssetChecksDefinition]:
             reused = _reused_result(context, "store_matches_faq", "embedding_store", evaluated_state)
             if reused is not None:
                 return reused
-            reports = [verify_published(opened, version, faq_templates) for version in versions]
+            reports = []
+            for version in versions:
+                try:
+                    snapshot = _published_snapshot(context, opened, version.key)
+                    reports.append(verify_snapshot(version, faq_templates, snapshot))
+                except StoreError as exc:
+                    reports.append(StoreReport(version.key, len(faq_templates), unreadable=f"{version.key}: {exc}"))
         if not reports:
             return dg.AssetCheckResult(passed=False, description="no model version is published")
         problems = [problem for report in reports for problem in report.problems()]
@@ -172,15 +179,13 @@ def build_store_checks() -> list[dg.AssetChecksDefinition]:
             versions = _checked_versions(context, models, opened)
             generations = ", ".join(f"{v.key}@{getattr(opened.version(v.key), 'generation', None)}" for v in versions)
             evaluated_state = f"{opened.state().store_id}: {generations}; cosine >= {threshold}"
-            for previous in _recent_evaluations(context, "near_duplicate_templates"):
-                if getattr(previous.metadata.get("evaluated_state"), "value", None) == evaluated_state:
-                    context.log.info(f"near_duplicate_templates: {generations} unchanged; kept the last result")
-                    return dg.AssetCheckResult(
-                        passed=previous.passed, severity=dg.AssetCheckSeverity.WARN, description=previous.description,
-                        metadata={**previous.metadata, "reevaluated": dg.MetadataValue.bool(False)},
-                    )
+            reused = _reused_result(context, "near_duplicate_templates", "embedding_store", evaluated_state)
+            if reused is not None:
+                return reused
             for version in versions:
-                snapshot = opened.snapshot(version.key)
+                snapshot = _published_snapshot(context, opened, version.key)
+                if snapshot is None:
+                    raise StoreError(f"model version {version.key!r} has not been published")
                 columns = snapshot.columns
                 state_path = _near_duplicate_state_path(context, snapshot.store_id, version.key)
                 search = search_near_duplicates(
@@ -248,6 +253,25 @@ def _save_search_state(context: dg.AssetCheckExecutionContext, path: Path, state
         context.log.warning(f"near_duplicate_templates: the search could not be kept at {path}: {exc}")
 
 
+_LAST_SNAPSHOT: list = [None, None]  # (what identifies it, snapshot): a run's store checks read a version once
+
+
+def _published_snapshot(
+    context: dg.AssetCheckExecutionContext, opened: EmbeddingStore, key: str
+) -> StoreSnapshot | None:
+    """The version's published rows and vectors (None: not published), read once per run and generation
+    (the run's own writes between its checks go to the cache, not to the published rows)."""
+    info = opened.version(key)
+    if info is None:
+        return None
+    identity = (context.run.run_id, opened.location, opened.state().store_id, key, info.generation)
+    if _LAST_SNAPSHOT[0] != identity:
+        _LAST_SNAPSHOT[:] = [None, None]  # the earlier one is not kept alive beside the new one
+        snapshot = opened.snapshot(key)
+        _LAST_SNAPSHOT[:] = [identity if snapshot.version.generation == info.generation else None, snapshot]
+    return _LAST_SNAPSHOT[1]
+
+
 def _checked_versions(
     context: dg.AssetCheckExecutionContext, models: ModelCatalog, opened: EmbeddingStore
 ) -> list[ModelVersion]:
@@ -292,7 +316,7 @@ def _retrieval_quality(
             passed=previous.passed, severity=dg.AssetCheckSeverity.WARN, description=previous.description,
             metadata=metadata,
         )
-    outcomes = [_evaluate_version(version, queries, validation_queries, models, store) for version in versions]
+    outcomes = [_evaluate_version(context, version, queries, validation_queries, models, store) for version in versions]
     requests = sum(outcome.requests for outcome in outcomes)
     rankings = {o.key: {"generation": generations[o.key], "top_ids": o.report.top_ids} for o in outcomes}
     changes, baselines = _edit_impact(recent, rankings, fingerprint, queries, validation_queries.top_k)
@@ -345,8 +369,8 @@ class _VersionQuality:
 
 
 def _evaluate_version(
-    version: ModelVersion, queries: list, validation_queries: ValidationQueries, models: ModelCatalog,
-    store: StoreResource,
+    context: dg.AssetCheckExecutionContext, version: ModelVersion, queries: list,
+    validation_queries: ValidationQueries, models: ModelCatalog, store: StoreResource,
 ) -> _VersionQuality:
     """One version's accuracy, with query vectors from the store's cache and only new queries embedded."""
     with store.open() as opened:
@@ -367,19 +391,14 @@ def _evaluate_version(
     if not answerable:  # no query names a published template: nothing to search, the retriever is not loaded
         report = top_k_accuracy(lambda text, k: [], queries, published_ids, top_k=validation_queries.top_k)
         return _VersionQuality(version.key, report, requests, len(missing))
-    retriever = TemplateRetriever.load(store.url, model_version=version.key, embedder=NO_TEXTS, mode="memory")
-    try:
-        report = top_k_accuracy(
-            lambda text, k: [
-                hit.template_id
-                for hit in retriever.index.search(text, k, None, None, query_vector=vectors[hashes[text]])
-            ],
-            queries,
-            published_ids=published_ids,
-            top_k=validation_queries.top_k,
-        )
-    finally:
-        retriever.close()
+    with store.open() as opened:
+        index = MemoryIndex(store.url, _published_snapshot(context, opened, version.key), NO_TEXTS)
+    report = top_k_accuracy(
+        lambda text, k: [hit.template_id for hit in index.search(text, k, None, None, query_vector=vectors[hashes[text]])],
+        queries,
+        published_ids=published_ids,
+        top_k=validation_queries.top_k,
+    )
     return _VersionQuality(version.key, report, requests, len(missing))
 
 

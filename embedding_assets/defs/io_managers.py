@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 from pydantic import Field
 
 from embedding_assets.lib import intermediates
@@ -29,6 +30,7 @@ from embedding_assets.store import (
     StoreError,
     StoreLockedError,
     StoreNotFoundError,
+    StoreSnapshot,
     VersionInfo,
     open_store,
     redact_url,
@@ -133,6 +135,17 @@ def verify_published(store: EmbeddingStore, version: ModelVersion, templates: Se
     except StoreError as exc:
         return StoreReport(version.key, len(templates), unreadable=f"{version.key}: {exc}")
     return compare_published(version, templates, stored.dimension if stored else None, hashes, ids, matrix)
+
+
+def verify_snapshot(
+    version: ModelVersion, templates: Sequence[Template], snapshot: StoreSnapshot | None
+) -> StoreReport:
+    """verify_published from a snapshot already read (None: the version is not published)."""
+    if snapshot is None:
+        return compare_published(version, templates, None, {}, [], np.empty((0, 0), dtype=np.float32))
+    ids = snapshot.columns["template_id"]
+    hashes = dict(zip(ids, snapshot.columns["content_hash"], strict=True))
+    return compare_published(version, templates, snapshot.version.dimension, hashes, ids, snapshot.matrix)
 
 
 def unhealthy_published_ids(store: EmbeddingStore, key: str) -> list[str]:
