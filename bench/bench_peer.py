@@ -4,8 +4,8 @@ Workload per size N: N synthetic templates, index, re-index unchanged (no-op), c
 answer (1%), re-index. Ours: the `embed_faq` job of the code location (`Definitions` resolved once,
 imports and the Dagster instance excluded from the times, like LangChain's objects), provider
 `openai` against an OpenAI-compatible server in this process that returns deterministic vectors at
-once, a SQLite store and a SQLite-backed DAGSTER_HOME; then the `embedding-assets materialize`
-CLI as a whole process (no-op, then another 1% change). Peer: LangChain `index()` with
+once, a SQLite store and a DAGSTER_HOME set up as the CLI sets one up (settings.instance_yaml);
+then the `embedding-assets materialize` CLI as a whole process (no-op, then another 1% change). Peer: LangChain `index()` with
 `SQLRecordManager` (SQLite), `InMemoryVectorStore` and an `Embeddings` object returning the same
 vectors. Each side runs in its own child process, so its peak RSS is its own.
 
@@ -34,6 +34,8 @@ import numpy as np
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
+
+from embedding_assets import settings  # noqa: E402
 
 KEY = "bench-openai"
 TEXT_TEMPLATE = "{subcategory}: {question}\n{answer}"
@@ -305,6 +307,7 @@ def bench_size(n: int, dimension: int, server: InstantServer, root: Path, dagste
         f'settings = {{ base_url = "{server.base_url}" }}\n'
     )
     (work / "dagster_home").mkdir()
+    (work / "dagster_home" / "dagster.yaml").write_text(settings.instance_yaml(work / "dagster_home"))  # as `embedding-assets` sets it up
     env = child_environment(work, server.base_url)
     langchain = run_child("langchain", n, dimension, work, env)
     ours = run_child("ours", n, dimension, work, env)

@@ -4,7 +4,7 @@ Provider "openai" against a local OpenAI-compatible server that answers instantl
 the pipeline's own cost. Next to each no-op, two floors measured in the same run: the work itself (read
 the sheet, hash every text, read the published hashes) and Dagster's own cost for a graph of the same
 shape whose steps do nothing, on the same kind of instance (the one `embedding-assets` sets up in a new
-DAGSTER_HOME: settings.INSTANCE_YAML). Also the bytes a no-op leaves in
+DAGSTER_HOME: settings.instance_yaml). Also the bytes a no-op leaves in
 DAGSTER_HOME, the peak RSS of each run (Linux: the peak is reset before each) and, with --profile,
 the functions a no-op spends its time in (cProfile).
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import cProfile
 import io
-import os
 import pstats
 import resource
 import sys
@@ -163,10 +162,9 @@ def empty_graph() -> list:
 
 
 def project_instance(home: Path) -> dg.DagsterInstance:
-    """A new instance in `home` as `embedding-assets` sets one up (settings.INSTANCE_YAML)."""
+    """A new instance in `home` as `embedding-assets` sets one up (settings.instance_yaml)."""
     home.mkdir()
-    (home / "dagster.yaml").write_text(settings.INSTANCE_YAML)
-    os.environ["DAGSTER_HOME"] = str(home)  # the storage's base_dir comes from it
+    (home / "dagster.yaml").write_text(settings.instance_yaml(home))
     return dg.DagsterInstance.from_config(str(home))
 
 

@@ -9,7 +9,7 @@ WAL mode keeps every committed event across a crash of the process and may lose 
 power failure; FULL restores Dagster's behaviour. The store of embeddings is not affected: it keeps
 its own connections and settings.
 
-`settings.dagster_home()` writes it into a new DAGSTER_HOME's dagster.yaml (`settings.INSTANCE_YAML`).
+`settings.dagster_home()` writes it into a new DAGSTER_HOME's dagster.yaml (`settings.instance_yaml`).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tomllib
@@ -198,30 +199,35 @@ class Settings:
         )
 
 
-INSTANCE_YAML = """\
+INSTANCE_YAML_HEADER = """\
 # Dagster instance of embedding_assets: runs, events and schedules live here, in SQLite files laid
 # out as Dagster's default storage lays them out, with connections kept open between events
 # (embedding_assets/instance_storage.py; `synchronous: FULL` under `config` syncs every commit).
-storage:
-  custom:
-    module: embedding_assets.instance_storage
-    class: PooledSqliteStorage
-    config:
-      base_dir:
-        env: DAGSTER_HOME
-telemetry:
-  enabled: false
 """
 _EARLIER_INSTANCE_YAML = "# Dagster instance of embedding_assets: runs, events and schedules live here.\ntelemetry:\n  enabled: false\n"
 
 
+def instance_yaml(home: Path) -> str:
+    """The dagster.yaml of a DAGSTER_HOME at `home` (an absolute path: the instance opens from a path
+    alone, `DagsterInstance.from_config`, without DAGSTER_HOME set)."""
+    return (
+        f"{INSTANCE_YAML_HEADER}storage:\n  custom:\n    module: embedding_assets.instance_storage\n"
+        f"    class: PooledSqliteStorage\n    config:\n      base_dir: {json.dumps(str(home))}\n"
+        "telemetry:\n  enabled: false\n"
+    )
+
+
 def dagster_home() -> Path:
     """DAGSTER_HOME, defaulting to .dagster_home in the working directory (created if missing, with
-    INSTANCE_YAML as its dagster.yaml when it has none or still has the one earlier releases wrote)."""
+    instance_yaml() as its dagster.yaml when it has none, one earlier releases wrote, or ours for a
+    directory it was moved from; a dagster.yaml written by hand is left as it is)."""
     home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     instance_config = home / "dagster.yaml"
-    if not instance_config.exists() or instance_config.read_text() == _EARLIER_INSTANCE_YAML:
-        instance_config.write_text(INSTANCE_YAML)
+    written = instance_config.read_text() if instance_config.exists() else None
+    wanted = instance_yaml(home)
+    ours = written is not None and written.startswith(INSTANCE_YAML_HEADER)
+    if written is None or written == _EARLIER_INSTANCE_YAML or (ours and written != wanted):
+        instance_config.write_text(wanted)  # new, from an earlier release, or ours for another (moved) directory
     os.environ["DAGSTER_HOME"] = str(home)
     return home

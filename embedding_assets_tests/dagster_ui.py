@@ -17,6 +17,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from embedding_assets import settings
+
 from embedding_assets_tests.conftest import PROJECT_ROOT
 
 CHROMIUM = "/usr/bin/chromium"
@@ -116,9 +118,10 @@ def create_instance_storage(home: Path) -> None:
 
 @contextmanager
 def dagster_server(home: Path, env: Mapping[str, str], startup_timeout: float = 180) -> Iterator[DagsterServer]:
-    """Start dagster-daemon and dagster-webserver on a free port with their own DAGSTER_HOME."""
+    """Start dagster-daemon and dagster-webserver on a free port with their own DAGSTER_HOME, set up as
+    `embedding-assets` sets one up (its instance storage)."""
     home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    (home / "dagster.yaml").write_text(settings.instance_yaml(home.resolve()))
     port = free_port()
     full_env = {**os.environ, **env, "DAGSTER_HOME": str(home)}
     commands = {
