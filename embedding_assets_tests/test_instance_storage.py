@@ -1,0 +1,114 @@
+"""The Dagster instance a new DAGSTER_HOME gets: Dagster's SQLite files, connections kept open."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from embedding_assets import settings
+from embedding_assets.instance_storage import PooledSqliteEventLogStorage, PooledSqliteRunStorage, PooledSqliteStorage
+from embedding_assets.settings import PROJECT_ROOT
+
+RUNS_SCRIPT = """
+import sys
+import dagster as dg
+
+@dg.asset
+def numbers() -> list[int]:
+    return [1, 2, 3]
+
+@dg.asset
+def total(numbers: list[int]) -> int:
+    return sum(numbers)
+
+# outputs in memory: the processes share the instance, not one pickle file per asset
+defs = dg.Definitions(assets=[numbers, total], resources={"io_manager": dg.InMemoryIOManager()})
+job = defs.resolve_implicit_global_asset_job_def()
+with dg.DagsterInstance.get() as instance:
+    for _ in range(int(sys.argv[1])):
+        assert job.execute_in_process(instance=instance).success
+print(type(instance.event_log_storage).__name__)
+"""
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    return settings.dagster_home()
+
+
+def run_jobs(home: Path, runs: int) -> subprocess.Popen:
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(PROJECT_ROOT)}
+    return subprocess.Popen([sys.executable, "-c", RUNS_SCRIPT, str(runs)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_new_home_gets_the_pooled_storage_and_dagsters_own_storage_reads_the_same_runs(home):
+    assert (home / "dagster.yaml").read_text() == settings.instance_yaml(home)
+    process = run_jobs(home, 3)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert out.strip() == "PooledSqliteEventLogStorage"
+    with dg.DagsterInstance.get() as pooled:
+        assert isinstance(pooled.run_storage, PooledSqliteRunStorage)
+        runs = pooled.get_runs()
+        logs = {run.run_id: [e.dagster_event_type for e in pooled.all_logs(run.run_id)] for run in runs}
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")  # Dagster's default SQLite storage
+    with dg.DagsterInstance.get() as plain:
+        assert type(plain.event_log_storage).__name__ == "SqliteEventLogStorage"
+        assert [r.run_id for r in plain.get_runs()] == [r.run_id for r in runs]
+        assert {r.run_id: [e.dagster_event_type for e in plain.all_logs(r.run_id)] for r in runs} == logs
+        assert {r.status for r in plain.get_runs()} == {dg.DagsterRunStatus.SUCCESS}
+        assert len(plain.fetch_materializations(dg.AssetKey("total"), limit=10).records) == 3
+    assert len(runs) == 3 and all(len(events) == len(logs[runs[0].run_id]) for events in logs.values())
+
+
+def test_two_processes_writing_one_home_at_once_keep_every_run_and_event(home):
+    with dg.DagsterInstance.get() as instance:  # two processes creating the files at once race in Dagster's setup
+        instance.get_runs(limit=1)
+    first, second = run_jobs(home, 6), run_jobs(home, 6)
+    for process in (first, second):
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+    with dg.DagsterInstance.get() as instance:
+        runs = instance.get_runs()
+        assert len(runs) == 12
+        assert {r.status for r in runs} == {dg.DagsterRunStatus.SUCCESS}
+        counts = {len(instance.all_logs(r.run_id)) for r in runs}
+        assert len(counts) == 1  # every run has all of its events
+        assert len(instance.fetch_materializations(dg.AssetKey("total"), limit=100).records) == 12
+
+
+def test_the_earlier_default_instance_file_is_upgraded_and_an_edited_one_is_left_alone(tmp_path, monkeypatch):
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "dagster.yaml").write_text(
+        "# Dagster instance of embedding_assets: runs, events and schedules live here.\ntelemetry:\n  enabled: false\n"
+    )
+    monkeypatch.setenv("DAGSTER_HOME", str(earlier))
+    settings.dagster_home()
+    assert (earlier / "dagster.yaml").read_text() == settings.instance_yaml(earlier.resolve())
+
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    (edited / "dagster.yaml").write_text("telemetry:\n  enabled: false\nrun_monitoring:\n  enabled: true\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(edited))
+    settings.dagster_home()
+    assert "run_monitoring" in (edited / "dagster.yaml").read_text()
+
+
+def test_the_synchronous_setting_is_applied_and_checked(tmp_path):
+    storage = PooledSqliteStorage(str(tmp_path), synchronous="full")
+    assert isinstance(storage.event_log_storage, PooledSqliteEventLogStorage)
+    with storage.event_log_storage.index_connection() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    default = PooledSqliteStorage(str(tmp_path / "default"))
+    with default.run_storage.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    with pytest.raises(ValueError, match="synchronous must be one of OFF, NORMAL, FULL, EXTRA, not 'sometimes'"):
+        PooledSqliteStorage(str(tmp_path / "bad"), synchronous="sometimes")
