@@ -84,6 +84,9 @@ def test_pipeline_publishes_to_postgres_and_a_rerun_embeds_nothing(published_dat
     assert rerun.calls == []
     assert rerun.plan == {"new": 0, "modified": 0, "deleted": 0, "unchanged": 90, "metadata_updated": 0}
     assert (rerun.store["rows"], rerun.store["generation"], rerun.store["published"]) == (90, 1, False)
+    # the FAQ's parse and hashes are recalled; a PostgreSQL store has no cheap mark of a write, so it is read
+    assert (rerun.metadata["faq_templates"]["reused_parse"], rerun.metadata["template_hashes"]["reused_hashes"],
+            rerun.metadata["change_plan"]["reused_plan"]) == (True, True, False)
 
     with open_store(url, create=False) as pg, open_store(first_run[2], create=False) as lite:
         pg_snapshot, lite_snapshot = pg.snapshot(KEY), lite.snapshot(KEY)

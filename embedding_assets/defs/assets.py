@@ -124,6 +124,8 @@ def _recalled_plan(
             state, stored, marker = opened.state(), opened.version(version.key), opened.change_marker()
     except StoreError:  # the checked open that follows says what is wrong
         return recall(context, None), None
+    if marker is None:  # a store that cannot say whether it was written since is read again
+        return recall(context, None), stored
     published = None if stored is None else (stored.generation, stored.fingerprint, stored.rows, stored.ranking)
     key = f"change_plan\n{hashes_key}\n{state.store_id}\n{marker}\n{version.fingerprint()}\n{published!r}"
     return recall(context, key), stored

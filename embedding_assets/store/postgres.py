@@ -698,9 +698,9 @@ class PostgresStore(PublishingStore):
         finally:
             conn.close()
 
-    def change_marker(self) -> str:
-        """Empty: on PostgreSQL the store's generation is what marks a change (every publish bumps it)."""
-        return ""
+    def change_marker(self) -> str | None:
+        """None: a PostgreSQL store has no cheap mark of every write (each publish bumps its generation)."""
+        return None
 
     def check_integrity(self) -> None:
         """The server guards page integrity; this checks that the store's tables are all there."""
