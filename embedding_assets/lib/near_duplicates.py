@@ -16,7 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-BLOCK_ROWS = 1024  # rows per product: a 1024 x 20k block of float32 similarities is 80 MB
+BLOCK_ROWS = 1024  # rows per product at most
+BLOCK_VALUES = 1 << 24  # similarities per product at most: 64 MB of float32 (820 rows at 20k, 167 at 100k)
+
+
+def _rows_per_block(block_rows: int, columns: int) -> int:
+    return max(1, min(block_rows, max(16, BLOCK_VALUES // max(columns, 1))))
 MAX_KEPT_PAIRS = 100_000  # pairs a search state holds; a search that finds more keeps none (the next one is full)
 MAX_CHANGED_SHARE = 0.5  # above this share of changed rows, comparing all pairs costs about as much
 
@@ -122,6 +127,7 @@ def _full_search(
     """The best `limit` pairs and the total, and every pair too while there are at most `keep_up_to`."""
     firsts, seconds, cosines, total = [], [], [], 0
     keeping = True
+    block_rows = _rows_per_block(block_rows, unit.shape[0])
     for start in range(0, unit.shape[0], block_rows):
         stop = min(start + block_rows, unit.shape[0])
         similarities = unit[start:stop] @ unit[start:].T  # only the columns from `start` on: each pair once
@@ -199,6 +205,7 @@ def _changed_pairs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair at or above the threshold that involves a changed row, each once (first < second)."""
     firsts, seconds, cosines = [], [], []
+    block_rows = _rows_per_block(block_rows, unit.shape[0])
     for start in range(0, changed.size, block_rows):
         rows = changed[start:start + block_rows]
         similarities = unit[rows] @ unit.T
