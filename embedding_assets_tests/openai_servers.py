@@ -76,6 +76,7 @@ class FaultServer:
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
+        self._httpd.block_on_close = False  # a client keeping its connection open must not hold up stop()
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     @property
