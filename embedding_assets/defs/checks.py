@@ -51,8 +51,9 @@ def faq_content(
         published = opened.versions() if opened is not None else []
         store_id = opened.state().store_id if opened is not None else "none"
         generations = ", ".join(f"{v.key}@{v.generation}" for v in published)
+        faq_state = (inputs_key_of(faq_templates) or templates_digest(faq_templates))[:16]
         evaluated_state = (
-            f"faq {(inputs_key_of(faq_templates) or templates_digest(faq_templates))[:16]}; store {store_id}: {generations or 'nothing published'}; "
+            f"faq {faq_state}; store {store_id}: {generations or 'nothing published'}; "
             f"id column {faq.id_column!r}, max removed share {faq.max_removed_share}"
         )
         reused = _reused_result(context, "faq_content", "faq_templates", evaluated_state)
@@ -394,7 +395,9 @@ def _evaluate_version(
     with store.open() as opened:
         index = MemoryIndex(store.url, _published_snapshot(context, opened, version.key), NO_TEXTS)
     report = top_k_accuracy(
-        lambda text, k: [hit.template_id for hit in index.search(text, k, None, None, query_vector=vectors[hashes[text]])],
+        lambda text, k: [
+            hit.template_id for hit in index.search(text, k, None, None, query_vector=vectors[hashes[text]])
+        ],
         queries,
         published_ids=published_ids,
         top_k=validation_queries.top_k,
