@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,9 @@ INSTANCE_YAML_HEADER = """\
 _EARLIER_INSTANCE_YAML = "# Dagster instance of embedding_assets: runs, events and schedules live here.\ntelemetry:\n  enabled: false\n"
 
 
+_BASE_DIR_LINE = re.compile(r'^( +base_dir: )("(?:[^"\\]|\\.)*")[ \t]*$', re.MULTILINE)
+
+
 def instance_yaml(home: Path) -> str:
     """The dagster.yaml of a DAGSTER_HOME at `home` (an absolute path: the instance opens from a path
     alone, `DagsterInstance.from_config`, without DAGSTER_HOME set)."""
@@ -219,15 +223,20 @@ def instance_yaml(home: Path) -> str:
 
 def dagster_home() -> Path:
     """DAGSTER_HOME, defaulting to .dagster_home in the working directory (created if missing, with
-    instance_yaml() as its dagster.yaml when it has none, one earlier releases wrote, or ours for a
-    directory it was moved from; a dagster.yaml written by hand is left as it is)."""
+    instance_yaml() as its dagster.yaml when it has none or has the one earlier releases wrote; in ours,
+    edited or not, only the directory is updated after a move; any other dagster.yaml is left as it is)."""
     home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     instance_config = home / "dagster.yaml"
     written = instance_config.read_text() if instance_config.exists() else None
     wanted = instance_yaml(home)
-    ours = written is not None and written.startswith(INSTANCE_YAML_HEADER)
-    if written is None or written == _EARLIER_INSTANCE_YAML or (ours and written != wanted):
-        instance_config.write_text(wanted)  # new, from an earlier release, or ours for another (moved) directory
+    if written is None or written == _EARLIER_INSTANCE_YAML:
+        instance_config.write_text(wanted)
+    elif written.startswith(INSTANCE_YAML_HEADER):  # ours, perhaps edited: only a moved directory is mended
+        named = _BASE_DIR_LINE.search(written)
+        if named is not None and json.loads(named.group(2)) != str(home):
+            instance_config.write_text(
+                written[: named.start()] + named.group(1) + json.dumps(str(home)) + written[named.end():]
+            )
     os.environ["DAGSTER_HOME"] = str(home)
     return home

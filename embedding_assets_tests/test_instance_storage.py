@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -112,3 +113,22 @@ def test_the_synchronous_setting_is_applied_and_checked(tmp_path):
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
     with pytest.raises(ValueError, match="synchronous must be one of OFF, NORMAL, FULL, EXTRA, not 'sometimes'"):
         PooledSqliteStorage(str(tmp_path / "bad"), synchronous="sometimes")
+
+
+def test_an_edited_instance_file_keeps_its_edits_and_follows_a_moved_directory(home, tmp_path, monkeypatch):
+    written = (home / "dagster.yaml").read_text()
+    edited = written.replace("    config:\n", "    config:\n      synchronous: FULL\n")
+    (home / "dagster.yaml").write_text(edited)
+    settings.dagster_home()
+    assert (home / "dagster.yaml").read_text() == edited
+
+    moved = tmp_path / "moved_home"
+    home.rename(moved)
+    monkeypatch.setenv("DAGSTER_HOME", str(moved))
+    settings.dagster_home()
+    assert (moved / "dagster.yaml").read_text() == edited.replace(json.dumps(str(home)), json.dumps(str(moved.resolve())))
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_runs() == []
+        with instance.event_log_storage.index_connection() as conn:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL, the edit
+        assert str(moved.resolve()) in instance.event_log_storage._base_dir
