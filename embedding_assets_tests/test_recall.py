@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from embedding_assets.defs.io_managers import MISSING, IntermediateIOManager, recall
 from embedding_assets.defs.resources import FaqWorkbook
 from embedding_assets.store.sqlite import SqliteStore
 from embedding_assets_tests.conftest import SAMPLE_FAQ, read_rows, write_rows
@@ -130,3 +131,26 @@ def test_the_store_checks_of_a_run_read_the_published_version_once(built, monkey
     assert {"store_matches_faq", "retrieval_quality", "near_duplicate_templates"} <= set(edited.checks)
     assert all(edited.checks[name].metadata["reevaluated"].value for name in ("store_matches_faq", "near_duplicate_templates"))
     assert reads == [KEY]  # one read of the new generation, shared by the three checks
+
+
+def test_an_output_recalled_then_deleted_by_another_run_is_stored_again():
+    instance = dg.DagsterInstance.ephemeral()
+    blobs = Path(instance.storage_directory()) / "intermediates" / "blobs"
+
+    @dg.asset
+    def numbers(context) -> list[int]:
+        value = recall(context, "numbers, version 1")
+        if value is MISSING:
+            return [1, 2, 3]
+        shutil.rmtree(blobs)  # another run stored its own output and deleted this one meanwhile
+        return value
+
+    @dg.asset
+    def total(numbers: list[int]) -> int:
+        return sum(numbers)
+
+    for _ in range(2):
+        result = dg.materialize([numbers, total], instance=instance, resources={"io_manager": IntermediateIOManager()})
+        assert result.success
+        assert result.output_for_node("total") == 6
+    assert len(list(blobs.glob("*.pickle"))) == 2  # both outputs stored again, readable by a step in a new process

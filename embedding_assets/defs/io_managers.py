@@ -244,9 +244,9 @@ class IntermediateIOManager(dg.ConfigurableIOManager):
         _forget_other_runs(context.run_id)
         _RUN_OUTPUTS[slot] = obj
         recalled = _RUN_RECALLED.get(slot)
-        if recalled is not None and recalled[0] is obj:  # the stored output itself: nothing to write
+        stored_bytes = _stored_size(root, recalled[1]) if recalled is not None and recalled[0] is obj else None
+        if stored_bytes is not None:  # the stored output itself, still there: nothing to write
             digest, refs = recalled[1], recalled[2]
-            stored_bytes = _blob(root, digest).stat().st_size
         else:
             data, refs = intermediates.dumps(_persisted(obj), _RUN_SOURCES[context.run_id])
             digest, stored_bytes = hashlib.sha256(data).hexdigest(), len(data)
@@ -376,6 +376,14 @@ def _persisted(obj: object) -> object:
     if isinstance(obj, ChangePlan) and obj.base is not None:
         return replace(obj, base=None)
     return obj
+
+
+def _stored_size(root: Path, digest: str) -> int | None:
+    """The size of a stored blob; None when another run has deleted it since."""
+    try:
+        return _blob(root, digest).stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def _blob(root: Path, digest: str) -> Path:
