@@ -6,8 +6,10 @@ commit waits for the disk. This storage is the same files and tables (a webserve
 Dagster's default storage reads and writes them as before) with a small pool of open connections per
 database file and `PRAGMA synchronous` set on each connection: NORMAL by default, which in SQLite's
 WAL mode keeps every committed event across a crash of the process and may lose the last ones on a
-power failure; FULL restores Dagster's behaviour. The store of embeddings is not affected: it keeps
-its own connections and settings.
+power failure; FULL restores Dagster's behaviour. A new run's event-log file is a copy of an empty
+one that Dagster's own schema setup made once for this Dagster version (creating the tables and
+stamping the migration revision took about 150 ms per run). The store of embeddings is not affected:
+it keeps its own connections and settings.
 
 `settings.dagster_home()` writes it into a new DAGSTER_HOME's dagster.yaml (`settings.instance_yaml`).
 """
@@ -15,15 +17,19 @@ its own connections and settings.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import sqlalchemy as sa
+from dagster import __version__ as DAGSTER_VERSION
 from dagster import _check as check
 from dagster._config import Field, StringSource
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+    INDEX_SHARD_NAME,
     SQLITE_BUSY_TIMEOUT_SECONDS,
     SqliteEventLogStorage,
 )
@@ -132,11 +138,53 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
             check.str_param(shard, "shard")
             engine = self._engines.get(self.conn_string_for_shard(shard))
             if shard not in self._initialized_dbs:
-                self._initdb(engine)
+                if not self._copied_from_template(shard):
+                    self._initdb(engine)
                 self._initialized_dbs.add(shard)
             with engine.connect() as conn:
                 with conn.begin():
                     yield conn
+
+    def template_path(self) -> str:
+        """The empty run file that new runs' files are copied from (not `*.db`: Dagster lists those as runs)."""
+        return os.path.join(self._base_dir, f".run-template-{DAGSTER_VERSION}.sqlite")
+
+    def _copied_from_template(self, shard: str) -> bool:
+        """Create a run's missing file as a copy of the template; False when the file exists or the
+        template cannot be made (Dagster's own setup then checks or creates it)."""
+        path = self.path_for_shard(shard)
+        if shard == INDEX_SHARD_NAME or os.path.exists(path):
+            return False
+        template = self._template()
+        if template is None:
+            return False
+        partial = f"{path}.{uuid.uuid4().hex}.partial"
+        try:
+            shutil.copyfile(template, partial)
+            os.link(partial, path)  # fails if another process created the run's file meanwhile
+            return True
+        except OSError:
+            return False
+        finally:
+            _remove(partial)
+
+    def _template(self) -> str | None:
+        template = self.template_path()
+        if os.path.exists(template):
+            return template
+        partial = f"{template}.{uuid.uuid4().hex}.partial"
+        engine = sa.create_engine(f"sqlite:///{partial}", poolclass=sa.pool.NullPool)
+        try:
+            self._initdb(engine)
+            engine.dispose()  # the last connection closed: the WAL is folded into the file and removed
+            os.replace(partial, template)
+            return template
+        except (OSError, sa.exc.SQLAlchemyError):
+            return None
+        finally:
+            engine.dispose()
+            for leftover in (partial, f"{partial}-wal", f"{partial}-shm"):
+                _remove(leftover)
 
     def wipe(self) -> None:
         self._engines.dispose()  # the run files are deleted: no connection may stay open on them
@@ -179,6 +227,13 @@ class PooledSqliteStorage(DagsterSqliteStorage):
     def from_config_value(cls, inst_data: ConfigurableClassData, config_value) -> PooledSqliteStorage:
         mkdir_p(config_value["base_dir"])
         return cls(inst_data=inst_data, **config_value)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _directory(base_dir: str, *parts: str) -> str:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+import time
+from contextlib import closing
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._core.events.log import EventLogEntry
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
 from embedding_assets import settings
 from embedding_assets.instance_storage import PooledSqliteEventLogStorage, PooledSqliteRunStorage, PooledSqliteStorage
@@ -132,3 +137,49 @@ def test_an_edited_instance_file_keeps_its_edits_and_follows_a_moved_directory(h
         with instance.event_log_storage.index_connection() as conn:
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL, the edit
         assert str(moved.resolve()) in instance.event_log_storage._base_dir
+
+
+def _schema(path: Path) -> tuple:
+    with closing(sqlite3.connect(path)) as conn:
+        return (
+            sorted(conn.execute("SELECT type, name, sql FROM sqlite_master").fetchall()),
+            conn.execute("SELECT version_num FROM alembic_version").fetchall(),
+            conn.execute("PRAGMA journal_mode").fetchone(),
+        )
+
+
+def test_a_new_runs_file_is_a_copy_of_dagsters_own_empty_run_file_and_an_existing_one_is_kept(tmp_path):
+    plain = SqliteEventLogStorage(str(tmp_path / "plain"))
+    with plain.run_connection("made-by-dagster"):
+        pass
+    pooled = PooledSqliteEventLogStorage(str(tmp_path / "pooled"))
+    for run_id in ("first-run", "second-run"):
+        with pooled.run_connection(run_id):
+            pass
+    expected = _schema(tmp_path / "plain" / "made-by-dagster.db")
+    assert expected[1:] == ([(_alembic_head(),)], ("wal",))
+    assert _schema(Path(pooled.template_path())) == expected
+    assert _schema(tmp_path / "pooled" / "first-run.db") == _schema(tmp_path / "pooled" / "second-run.db") == expected
+    assert sorted(pooled.get_all_run_ids()) == ["first-run", "second-run"]  # the template is not listed as a run
+
+    events = [_event("kept-run", "written by Dagster's own storage"), _event("kept-run", "written by the pooled one")]
+    kept = SqliteEventLogStorage(str(tmp_path / "pooled"))
+    kept.store_event(events[0])
+    reopened = PooledSqliteEventLogStorage(str(tmp_path / "pooled"))
+    reopened.store_event(events[1])
+    assert [entry.user_message for entry in reopened.get_logs_for_run("kept-run")] == [e.user_message for e in events]
+
+
+def _alembic_head() -> str:
+    from alembic.script import ScriptDirectory
+    from dagster._core.storage.event_log.sqlite import sqlite_event_log
+    from dagster._core.storage.sql import get_alembic_config
+
+    return ScriptDirectory.from_config(get_alembic_config(sqlite_event_log.__file__)).get_current_head()
+
+
+def _event(run_id: str, message: str) -> EventLogEntry:
+    return EventLogEntry(
+        error_info=None, level="INFO", user_message=message, run_id=run_id, timestamp=time.time(),
+        step_key=None, job_name="job", dagster_event=None,
+    )
