@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import os
 import sys
@@ -128,6 +130,9 @@ def main() -> None:
     # The local model's threads sleep between calls instead of spinning: on a busy machine spinning
     # threads made each query embedding many times slower.
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    # Everything is closed by then: the interpreter need not search Dagster's millions of objects for
+    # cycles on its way out (that search took about 0.8 s of every command that had run a job).
+    atexit.register(gc.freeze)
 
 
 @main.command()
