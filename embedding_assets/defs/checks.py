@@ -40,7 +40,10 @@ def _listed(items: list[str]) -> dg.MetadataValue:
 
 @dg.asset_check(asset=faq_templates, blocking=True)
 def faq_content(
-    context: dg.AssetCheckExecutionContext, faq_templates: list[Template], faq: FaqWorkbook, store: StoreResource
+    context: dg.AssetCheckExecutionContext,
+    faq_templates,  # list[Template]; not annotated: Dagster would type-check every item of a list[...] input
+    faq: FaqWorkbook,
+    store: StoreResource,
 ) -> dg.AssetCheckResult:
     """No spreadsheet error text, no question repeated with another answer, no mass deletion of published templates."""
     try:
@@ -114,10 +117,9 @@ def build_store_checks() -> list[dg.AssetChecksDefinition]:
         with store.open() as opened:
             versions = _checked_versions(context, models, opened)
             store_id = opened.state().store_id
-            hashed = {version.key: hash_version_templates(faq_templates, version) for version in versions}
             evaluated_state = f"store {store_id} ({opened.change_marker() or 'generations'}): " + ", ".join(
                 f"{version.key}@{getattr(opened.version(version.key), 'generation', None)} "
-                f"faq {hashed_digest(hashed[version.key])[:16]}"
+                f"faq {_hashed_state(faq_templates, version)}"
                 for version in versions
             )
             reused = _reused_result(context, "store_matches_faq", "embedding_store", evaluated_state)
@@ -229,6 +231,16 @@ def build_store_checks() -> list[dg.AssetChecksDefinition]:
         )
 
     return [store_matches_faq, retrieval_quality, near_duplicate_templates]
+
+
+def _hashed_state(templates: list[Template], version: ModelVersion) -> str:
+    """What identifies the texts `version` embeds for `templates`: the parsed FAQ's inputs key and the
+    version's templates for its texts when the key is known (nothing is hashed), else the texts' hashes."""
+    faq_key = inputs_key_of(templates)
+    if faq_key is None:
+        return hashed_digest(hash_version_templates(templates, version))[:16]
+    views = [(view.name, view.text_template) for view in version.views]
+    return "key " + hashlib.sha256(f"{faq_key}\n{version.text_template!r}\n{views!r}".encode()).hexdigest()[:16]
 
 
 def _near_duplicate_state_path(context: dg.AssetCheckExecutionContext, store_id: str, key: str) -> Path:
