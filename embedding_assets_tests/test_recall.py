@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from embedding_assets.defs import checks
 from embedding_assets.defs.io_managers import MISSING, IntermediateIOManager, recall
 from embedding_assets.defs.resources import FaqWorkbook
 from embedding_assets.store.sqlite import SqliteStore
@@ -53,6 +54,18 @@ def test_an_unchanged_faq_and_store_recall_parse_hashes_and_plan(built):
     assert reused(third) == (True, True, True)
     assert second.checks["store_matches_faq"].metadata["reevaluated"].value is False
     assert second.checks["faq_content"].metadata["reevaluated"].value is False
+
+
+def test_a_kept_store_check_result_hashes_nothing(built, monkeypatch):
+    faq, store, instance, _ = built
+    hashed = []
+    for name in ("hash_version_templates", "hashed_digest"):
+        original = getattr(checks, name)
+        monkeypatch.setattr(checks, name, lambda *args, _f=original, _n=name: hashed.append(_n) or _f(*args))
+    again = run_pipeline(faq, store, instance=instance, checks=CHECKS)
+    assert again.checks["store_matches_faq"].passed
+    assert again.checks["store_matches_faq"].metadata["reevaluated"].value is False
+    assert hashed == []
 
 
 def test_the_same_bytes_saved_again_are_recalled_and_one_edited_answer_is_exactly_one_change(built):
