@@ -134,7 +134,7 @@ def median_run(runs: list[tuple[float, dict, float]]) -> tuple[float, dict, floa
 
 
 def empty_graph() -> list:
-    """The chain's shape (one asset, four partitioned ones, three checks) with steps that do nothing."""
+    """The chain's shape (one asset, four partitioned ones, a check and a step of three checks) with steps that do nothing."""
     partitions = dg.StaticPartitionsDefinition([KEY])
 
     @dg.asset(name="faq_templates")
@@ -161,16 +161,18 @@ def empty_graph() -> list:
     def faq_content(faq_templates: int) -> dg.AssetCheckResult:
         return dg.AssetCheckResult(passed=True)
 
-    @dg.asset_check(asset="embedding_store", additional_ins={"faq_templates": dg.AssetIn("faq_templates")})
-    def store_matches_faq(faq_templates: int) -> dg.AssetCheckResult:
-        return dg.AssetCheckResult(passed=True)
+    names = ("store_matches_faq", "retrieval_quality", "near_duplicate_templates")
+    specs = [dg.AssetCheckSpec(name, asset="embedding_store",
+                               additional_deps=["faq_templates"] if name == "store_matches_faq" else None)
+             for name in names]
 
-    @dg.asset_check(asset="embedding_store")
-    def retrieval_quality() -> dg.AssetCheckResult:
-        return dg.AssetCheckResult(passed=True)
+    @dg.multi_asset_check(name="embedding_store_checks", specs=specs, ins={"faq_templates": dg.AssetIn("faq_templates")})
+    def embedding_store_checks(faq_templates: int):
+        for name in names:
+            yield dg.AssetCheckResult(asset_key=dg.AssetKey("embedding_store"), check_name=name, passed=True)
 
     return [faq_templates, template_hashes, change_plan, template_embeddings, embedding_store,
-            faq_content, store_matches_faq, retrieval_quality]
+            faq_content, embedding_store_checks]
 
 
 def project_instance(home: Path) -> dg.DagsterInstance:

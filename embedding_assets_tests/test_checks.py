@@ -10,6 +10,7 @@ import dagster as dg
 import numpy as np
 import pytest
 
+from embedding_assets.defs import checks
 from embedding_assets.defs.io_managers import verify_published
 from embedding_assets.defs.jobs import build_embed_faq_job
 from embedding_assets.defs.resources import FaqWorkbook, StoreResource
@@ -136,6 +137,37 @@ def test_a_run_records_every_check_passing_and_the_retrieval_accuracy(warm):
     assert quality.metadata["queries_evaluated"].value == 36
     assert round(accuracy * 36) == 36 - len(quality.metadata["missed_queries"].value)
     assert outcome.checks["store_matches_faq"].metadata["model_version"].value == KEY
+
+
+def test_the_store_checks_run_in_one_step_and_one_selected_alone_runs_alone(warm):
+    faq, store = warm
+    outcome = run_pipeline(faq, store, checks=CHECKS)
+    check_steps = {s for s in outcome.steps_run if s.endswith(("_checks", "_faq_content"))}
+    assert check_steps == {"embedding_store_checks", "faq_templates_faq_content"}
+    alone = run_pipeline(faq, store, checks=CHECKS, only_checks={"near_duplicate_templates"})
+    assert alone.result.success
+    assert set(alone.checks) == {"near_duplicate_templates"}
+    assert alone.checks["near_duplicate_templates"].passed
+
+
+def test_a_store_check_that_raises_fails_the_step_after_the_others_report(warm, monkeypatch):
+    faq, store = warm
+
+    def near_duplicate_templates(context, store):
+        raise RuntimeError("scripted failure of one check")
+
+    monkeypatch.setitem(checks.STORE_CHECKS, "near_duplicate_templates", near_duplicate_templates)
+    outcome = run_pipeline(faq, store, checks=CHECKS)
+    assert not outcome.result.success
+    assert {name: e.passed for name, e in outcome.checks.items()} == {
+        "faq_content": True, "store_matches_faq": True, "retrieval_quality": True,
+    }
+    (failure,) = outcome.result.get_step_failure_events()
+    assert failure.step_key == "embedding_store_checks"
+    assert failure.event_specific_data.error.cause.message.strip() == (
+        "RuntimeError: scripted failure of one check"
+    )
+    assert outcome.metadata["embedding_store"]["rows"] == 90  # the publish before the checks stands
 
 
 def test_an_ordinary_run_leaves_a_corrupted_vector_alone_and_the_integrity_check_fails(warm):

@@ -63,7 +63,7 @@ def test_a_failure_after_the_publish_reports_the_published_generation(project, s
     assert "the published store is unchanged" not in output
     if done.returncode != 0:  # the check's error failed the run after the publish
         assert done.returncode == 3
-        assert "step embedding_store_retrieval_quality failed: " in done.stderr
+        assert "step embedding_store_checks failed: " in done.stderr
         assert "scripted failure 400" in done.stderr
 
 
@@ -79,7 +79,7 @@ def test_json_failure_after_the_publish_is_one_object_with_the_error_and_the_pub
     if done.returncode != 0:
         assert done.returncode == 3
         assert report["success"] is False
-        assert [f["step"] for f in report["errors"]] == ["embedding_store_retrieval_quality"]
+        assert [f["step"] for f in report["errors"]] == ["embedding_store_checks"]
         assert "scripted failure 400" in report["errors"][0]["message"]
         assert f"{KEY}: published generation 1 is live; a step after the publish failed" in done.stderr
 

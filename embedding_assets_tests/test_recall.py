@@ -18,7 +18,12 @@ from embedding_assets.store.sqlite import SqliteStore
 from embedding_assets_tests.conftest import SAMPLE_FAQ, read_rows, write_rows
 from embedding_assets_tests.pipeline import KEY, run_pipeline, store_checks
 
-CHECKS = [check for check in store_checks() if {k.name for k in check.check_keys} & {"faq_content", "store_matches_faq"}]
+CHECKS = store_checks()
+RECALLED_CHECKS = {"faq_content", "store_matches_faq"}  # the checks that keep a result by what they read
+
+
+def run_checked(faq, store, instance):
+    return run_pipeline(faq, store, instance=instance, checks=CHECKS, only_checks=RECALLED_CHECKS)
 
 
 def reused(outcome) -> tuple[bool, bool, bool]:
@@ -34,7 +39,7 @@ def built(warm):
     """A copy of the session's published store and its FAQ, run once on an instance later runs go on."""
     faq, store = warm
     instance = dg.DagsterInstance.ephemeral()
-    first = run_pipeline(faq, store, instance=instance, checks=CHECKS)
+    first = run_checked(faq, store, instance)
     assert first.result.success
     return faq, store, instance, first
 
@@ -42,8 +47,8 @@ def built(warm):
 def test_an_unchanged_faq_and_store_recall_parse_hashes_and_plan(built):
     faq, store, instance, first = built
     assert reused(first) == (False, False, False)
-    second = run_pipeline(faq, store, instance=instance, checks=CHECKS)
-    third = run_pipeline(faq, store, instance=instance, checks=CHECKS)
+    second = run_checked(faq, store, instance)
+    third = run_checked(faq, store, instance)
     for outcome in (second, third):
         assert outcome.result.success
         assert outcome.calls == []
@@ -62,7 +67,7 @@ def test_a_kept_store_check_result_hashes_nothing(built, monkeypatch):
     for name in ("hash_version_templates", "hashed_digest"):
         original = getattr(checks, name)
         monkeypatch.setattr(checks, name, lambda *args, _f=original, _n=name: hashed.append(_n) or _f(*args))
-    again = run_pipeline(faq, store, instance=instance, checks=CHECKS)
+    again = run_checked(faq, store, instance)
     assert again.checks["store_matches_faq"].passed
     assert again.checks["store_matches_faq"].metadata["reevaluated"].value is False
     assert hashed == []
@@ -78,7 +83,7 @@ def test_the_same_bytes_saved_again_are_recalled_and_one_edited_answer_is_exactl
     header, *rows = read_rows(faq)
     rows[7][6] = rows[7][6] + " Уточнение."
     write_rows(faq, [header, *rows])
-    edited = run_pipeline(faq, store, instance=instance, checks=CHECKS)
+    edited = run_checked(faq, store, instance)
     assert reused(edited) == (False, False, False)
     assert edited.plan == {"new": 0, "modified": 1, "deleted": 0, "unchanged": 89, "metadata_updated": 0}
     assert len(edited.embedded_texts) == 1 and edited.embedded_texts[0].endswith("Уточнение.")
@@ -92,7 +97,7 @@ def test_a_store_written_outside_a_run_is_planned_and_checked_again(built):
     with sqlite3.connect(store) as conn:
         victim = conn.execute("SELECT template_id FROM templates ORDER BY template_id LIMIT 1").fetchone()[0]
         conn.execute("DELETE FROM templates WHERE template_id = ?", (victim,))
-    after = run_pipeline(faq, store, instance=instance, checks=CHECKS)
+    after = run_checked(faq, store, instance)
     assert reused(after) == (True, True, False)  # the FAQ is the same; the store is not
     assert after.plan["new"] == 1 and after.metadata["change_plan"]["new_ids"] == [victim]
     assert after.calls == []  # its vector is still in the cache
@@ -103,7 +108,7 @@ def test_a_store_written_outside_a_run_is_planned_and_checked_again(built):
 def test_a_stored_output_that_was_lost_is_computed_again(built):
     faq, store, instance, _ = built
     shutil.rmtree(Path(instance.storage_directory()) / "intermediates" / "blobs")
-    again = run_pipeline(faq, store, instance=instance, checks=CHECKS)
+    again = run_checked(faq, store, instance)
     assert again.result.success
     assert reused(again) == (False, False, False)
     assert again.plan["unchanged"] == 90 and again.calls == []

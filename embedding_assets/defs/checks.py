@@ -1,12 +1,14 @@
 import hashlib
+import inspect
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
 
-from embedding_assets.defs.assets import FAQ_TEMPLATES, NO_TEXTS, faq_templates
+from embedding_assets.defs.assets import NO_TEXTS, faq_templates
 from embedding_assets.defs.io_managers import inputs_key_of, verify_snapshot
 from embedding_assets.defs.resources import FaqWorkbook, ModelCatalog, StoreResource, ValidationQueries
 from embedding_assets.lib.embedding_base import EmbeddingCost
@@ -100,137 +102,189 @@ def _reused_result(
 
 
 def build_store_checks() -> list[dg.AssetChecksDefinition]:
-    """The checks of the published store: a run of one model version (partition) checks that version,
-    a run without a partition (the asset's Checks tab "Execute all") every published version."""
+    """The checks of the published store, in one step (`embedding_store_checks`) that reads a new
+    generation once: a run of one model version (partition) checks that version, a run without a
+    partition (the asset's Checks tab "Execute all") every published version. A check selected alone
+    runs alone; an error in one check fails the step after the others have reported."""
+    specs = [
+        dg.AssetCheckSpec(
+            name, asset="embedding_store", description=_first_line(check),
+            additional_deps=["faq_templates"] if "faq_templates" in inspect.signature(check).parameters else None,
+        )
+        for name, check in STORE_CHECKS.items()
+    ]
 
-    @dg.asset_check(
-        asset="embedding_store",
-        additional_ins={"faq_templates": dg.AssetIn("faq_templates", dagster_type=FAQ_TEMPLATES)},
+    @dg.multi_asset_check(
+        name=STORE_CHECKS_STEP, specs=specs, can_subset=True,
+        ins={"faq_templates": dg.AssetIn("faq_templates")},
     )
-    def store_matches_faq(
+    def embedding_store_checks(
         context: dg.AssetCheckExecutionContext,
-        faq_templates: list[Template],
+        faq_templates,  # list[Template]; not annotated: Dagster would type-check every item of a list[...] input
         models: ModelCatalog,
         store: StoreResource,
-    ) -> dg.AssetCheckResult:
-        """Rows equal the FAQ's templates, hashes match, every vector has the version's dimension and is finite and non-zero."""
-        with store.open() as opened:
-            versions = _checked_versions(context, models, opened)
-            store_id = opened.state().store_id
-            evaluated_state = f"store {store_id} ({opened.change_marker() or 'generations'}): " + ", ".join(
-                f"{version.key}@{getattr(opened.version(version.key), 'generation', None)} "
-                f"faq {_hashed_state(faq_templates, version)}"
-                for version in versions
-            )
-            reused = _reused_result(context, "store_matches_faq", "embedding_store", evaluated_state)
-            if reused is not None:
-                return reused
-            reports = []
-            for version in versions:
-                try:
-                    snapshot = _published_snapshot(context, opened, version.key)
-                    reports.append(verify_snapshot(version, faq_templates, snapshot))
-                except StoreError as exc:
-                    reports.append(StoreReport(version.key, len(faq_templates), unreadable=f"{version.key}: {exc}"))
-        if not reports:
-            return dg.AssetCheckResult(passed=False, description="no model version is published")
-        problems = [problem for report in reports for problem in report.problems()]
-        return dg.AssetCheckResult(
-            passed=all(report.healthy for report in reports),
-            description="; ".join(report.summary() for report in reports),
-            metadata={
-                "model_version": dg.MetadataValue.text(", ".join(version.key for version in versions)),
-                "expected_rows": dg.MetadataValue.int(sum(report.expected_rows for report in reports)),
-                "stored_rows": dg.MetadataValue.int(sum(report.stored_rows or 0 for report in reports)),
-                "missing": dg.MetadataValue.int(sum(len(report.missing_ids) for report in reports)),
-                "extra": dg.MetadataValue.int(sum(len(report.extra_ids) for report in reports)),
-                "hash_mismatches": dg.MetadataValue.int(sum(len(report.hash_mismatch_ids) for report in reports)),
-                "unhealthy_vectors": dg.MetadataValue.int(sum(len(report.unhealthy_ids) for report in reports)),
-                "problem_list": _listed(problems),
-                "evaluated_state": dg.MetadataValue.text(evaluated_state),
-                "reevaluated": dg.MetadataValue.bool(True),
-            },
-        )
-
-    @dg.asset_check(asset="embedding_store")
-    def retrieval_quality(
-        context: dg.AssetCheckExecutionContext,
         validation_queries: ValidationQueries,
-        models: ModelCatalog,
-        store: StoreResource,
-    ) -> dg.AssetCheckResult:
-        """Top-k accuracy of the published version on the labelled validation queries."""
-        try:
-            return _retrieval_quality(context, validation_queries, models, store)
-        except Exception as exc:  # a warning-level check reports its own failure; the publish stands
-            context.log.warning(f"retrieval_quality could not be evaluated: {type(exc).__name__}: {exc}")
-            return dg.AssetCheckResult(
-                passed=False,
-                severity=dg.AssetCheckSeverity.WARN,
-                description=f"retrieval quality could not be evaluated ({type(exc).__name__}: {exc})",
-                metadata={"error": dg.MetadataValue.text(f"{type(exc).__name__}: {exc}")},
-            )
+    ) -> Iterator[dg.AssetCheckResult]:
+        """The published store's checks: its rows against the FAQ, retrieval quality, near duplicates."""
+        inputs = {"faq_templates": faq_templates, "models": models, "store": store,
+                  "validation_queries": validation_queries}
+        selected = {key.name for key in context.selected_asset_check_keys}
+        errors = []
+        for name, check in STORE_CHECKS.items():
+            if name not in selected:
+                continue
+            try:
+                result = check(context, **{n: inputs[n] for n in inspect.signature(check).parameters if n in inputs})
+            except Exception as exc:  # noqa: BLE001  (the other checks still report; the step fails below)
+                context.log.error(f"{name} could not be evaluated: {type(exc).__name__}: {exc}")
+                errors.append(exc)
+                continue
+            yield _named(result, name)
+        if errors:
+            raise errors[0]
 
-    @dg.asset_check(asset="embedding_store")
-    def near_duplicate_templates(
-        context: dg.AssetCheckExecutionContext, models: ModelCatalog, store: StoreResource
-    ) -> dg.AssetCheckResult:
-        """No two different templates whose published vectors are nearly identical (stored vectors, no embedding)."""
-        threshold = store.near_duplicate_cosine
-        pairs, total, templates, rows_compared, incremental = [], 0, 0, 0, True
-        with store.open() as opened:
-            versions = _checked_versions(context, models, opened)
-            generations = ", ".join(f"{v.key}@{getattr(opened.version(v.key), 'generation', None)}" for v in versions)
-            evaluated_state = f"{opened.state().store_id}: {generations}; cosine >= {threshold}"
-            reused = _reused_result(context, "near_duplicate_templates", "embedding_store", evaluated_state)
-            if reused is not None:
-                return reused
-            for version in versions:
+    return [embedding_store_checks]
+
+
+def store_matches_faq(
+    context: dg.AssetCheckExecutionContext, faq_templates: list[Template], models: ModelCatalog, store: StoreResource,
+) -> dg.AssetCheckResult:
+    """Rows equal the FAQ's templates, hashes match, every vector has the version's dimension and is finite and non-zero."""
+    with store.open() as opened:
+        versions = _checked_versions(context, models, opened)
+        store_id = opened.state().store_id
+        evaluated_state = f"store {store_id} ({opened.change_marker() or 'generations'}): " + ", ".join(
+            f"{version.key}@{getattr(opened.version(version.key), 'generation', None)} "
+            f"faq {_hashed_state(faq_templates, version)}"
+            for version in versions
+        )
+        reused = _reused_result(context, "store_matches_faq", "embedding_store", evaluated_state)
+        if reused is not None:
+            return reused
+        reports = []
+        for version in versions:
+            try:
                 snapshot = _published_snapshot(context, opened, version.key)
-                if snapshot is None:
-                    raise StoreError(f"model version {version.key!r} has not been published")
-                columns = snapshot.columns
-                state_path = _near_duplicate_state_path(context, snapshot.store_id, version.key)
-                search = search_near_duplicates(
-                    columns["template_id"], snapshot.matrix, threshold, _previous_search_state(context, state_path),
-                    limit=NEAR_DUPLICATES_LISTED,
-                )
-                _save_search_state(context, state_path, search.state)
-                context.log.info(
-                    f"near_duplicate_templates: {version.key}: compared {search.rows_compared} of {len(snapshot)} "
-                    f"rows with all ({'incremental: ' if search.incremental else 'full search: '}{search.reason})"
-                )
-                found = search.found
-                total += found.total
-                templates += len(snapshot)
-                rows_compared += search.rows_compared
-                incremental = incremental and search.incremental
-                pairs += [
-                    {"model_version": version.key, "first_id": columns["template_id"][i],
-                     "first_question": columns["question"][i], "second_id": columns["template_id"][j],
-                     "second_question": columns["question"][j], "cosine": round(cosine, 4)}
-                    for i, j, cosine in found.pairs
-                ]
-        pairs = sorted(pairs, key=lambda pair: -pair["cosine"])[:NEAR_DUPLICATES_LISTED]
+                reports.append(verify_snapshot(version, faq_templates, snapshot))
+            except StoreError as exc:
+                reports.append(StoreReport(version.key, len(faq_templates), unreadable=f"{version.key}: {exc}"))
+    if not reports:
+        return dg.AssetCheckResult(passed=False, description="no model version is published")
+    problems = [problem for report in reports for problem in report.problems()]
+    return dg.AssetCheckResult(
+        passed=all(report.healthy for report in reports),
+        description="; ".join(report.summary() for report in reports),
+        metadata={
+            "model_version": dg.MetadataValue.text(", ".join(version.key for version in versions)),
+            "expected_rows": dg.MetadataValue.int(sum(report.expected_rows for report in reports)),
+            "stored_rows": dg.MetadataValue.int(sum(report.stored_rows or 0 for report in reports)),
+            "missing": dg.MetadataValue.int(sum(len(report.missing_ids) for report in reports)),
+            "extra": dg.MetadataValue.int(sum(len(report.extra_ids) for report in reports)),
+            "hash_mismatches": dg.MetadataValue.int(sum(len(report.hash_mismatch_ids) for report in reports)),
+            "unhealthy_vectors": dg.MetadataValue.int(sum(len(report.unhealthy_ids) for report in reports)),
+            "problem_list": _listed(problems),
+            "evaluated_state": dg.MetadataValue.text(evaluated_state),
+            "reevaluated": dg.MetadataValue.bool(True),
+        },
+    )
+
+
+def retrieval_quality(
+    context: dg.AssetCheckExecutionContext,
+    validation_queries: ValidationQueries,
+    models: ModelCatalog,
+    store: StoreResource,
+) -> dg.AssetCheckResult:
+    """Top-k accuracy of the published version on the labelled validation queries."""
+    try:
+        return _retrieval_quality(context, validation_queries, models, store)
+    except Exception as exc:  # a warning-level check reports its own failure; the publish stands
+        context.log.warning(f"retrieval_quality could not be evaluated: {type(exc).__name__}: {exc}")
         return dg.AssetCheckResult(
-            passed=total == 0,
+            passed=False,
             severity=dg.AssetCheckSeverity.WARN,
-            description=(f"{total} pair(s) of templates with vectors at cosine >= {threshold}" if total
-                         else f"no two templates at cosine >= {threshold}"),
-            metadata={
-                "threshold": dg.MetadataValue.float(threshold),
-                "templates": dg.MetadataValue.int(templates),
-                "pair_count": dg.MetadataValue.int(total),
-                "pairs": dg.MetadataValue.json(pairs),
-                "requests": dg.MetadataValue.int(0),
-                "evaluated_state": dg.MetadataValue.text(evaluated_state),
-                "reevaluated": dg.MetadataValue.bool(True),
-                "incremental": dg.MetadataValue.bool(incremental and bool(versions)),
-                "rows_compared": dg.MetadataValue.int(rows_compared),
-            },
+            description=f"retrieval quality could not be evaluated ({type(exc).__name__}: {exc})",
+            metadata={"error": dg.MetadataValue.text(f"{type(exc).__name__}: {exc}")},
         )
 
-    return [store_matches_faq, retrieval_quality, near_duplicate_templates]
+
+def near_duplicate_templates(
+    context: dg.AssetCheckExecutionContext, models: ModelCatalog, store: StoreResource
+) -> dg.AssetCheckResult:
+    """No two different templates whose published vectors are nearly identical (stored vectors, no embedding)."""
+    threshold = store.near_duplicate_cosine
+    pairs, total, templates, rows_compared, incremental = [], 0, 0, 0, True
+    with store.open() as opened:
+        versions = _checked_versions(context, models, opened)
+        generations = ", ".join(f"{v.key}@{getattr(opened.version(v.key), 'generation', None)}" for v in versions)
+        evaluated_state = f"{opened.state().store_id}: {generations}; cosine >= {threshold}"
+        reused = _reused_result(context, "near_duplicate_templates", "embedding_store", evaluated_state)
+        if reused is not None:
+            return reused
+        for version in versions:
+            snapshot = _published_snapshot(context, opened, version.key)
+            if snapshot is None:
+                raise StoreError(f"model version {version.key!r} has not been published")
+            columns = snapshot.columns
+            state_path = _near_duplicate_state_path(context, snapshot.store_id, version.key)
+            search = search_near_duplicates(
+                columns["template_id"], snapshot.matrix, threshold, _previous_search_state(context, state_path),
+                limit=NEAR_DUPLICATES_LISTED,
+            )
+            _save_search_state(context, state_path, search.state)
+            context.log.info(
+                f"near_duplicate_templates: {version.key}: compared {search.rows_compared} of {len(snapshot)} "
+                f"rows with all ({'incremental: ' if search.incremental else 'full search: '}{search.reason})"
+            )
+            found = search.found
+            total += found.total
+            templates += len(snapshot)
+            rows_compared += search.rows_compared
+            incremental = incremental and search.incremental
+            pairs += [
+                {"model_version": version.key, "first_id": columns["template_id"][i],
+                 "first_question": columns["question"][i], "second_id": columns["template_id"][j],
+                 "second_question": columns["question"][j], "cosine": round(cosine, 4)}
+                for i, j, cosine in found.pairs
+            ]
+    pairs = sorted(pairs, key=lambda pair: -pair["cosine"])[:NEAR_DUPLICATES_LISTED]
+    return dg.AssetCheckResult(
+        passed=total == 0,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=(f"{total} pair(s) of templates with vectors at cosine >= {threshold}" if total
+                     else f"no two templates at cosine >= {threshold}"),
+        metadata={
+            "threshold": dg.MetadataValue.float(threshold),
+            "templates": dg.MetadataValue.int(templates),
+            "pair_count": dg.MetadataValue.int(total),
+            "pairs": dg.MetadataValue.json(pairs),
+            "requests": dg.MetadataValue.int(0),
+            "evaluated_state": dg.MetadataValue.text(evaluated_state),
+            "reevaluated": dg.MetadataValue.bool(True),
+            "incremental": dg.MetadataValue.bool(incremental and bool(versions)),
+            "rows_compared": dg.MetadataValue.int(rows_compared),
+        },
+    )
+
+
+STORE_CHECKS = {
+    "store_matches_faq": store_matches_faq,
+    "retrieval_quality": retrieval_quality,
+    "near_duplicate_templates": near_duplicate_templates,
+}
+STORE_CHECKS_STEP = "embedding_store_checks"
+
+
+def _first_line(check) -> str:
+    return (check.__doc__ or "").strip().splitlines()[0]
+
+
+def _named(result: dg.AssetCheckResult, name: str) -> dg.AssetCheckResult:
+    """The result of one check of the step, named (a step of several checks names each result)."""
+    return dg.AssetCheckResult(
+        asset_key=dg.AssetKey("embedding_store"), check_name=name, passed=result.passed, severity=result.severity,
+        description=result.description, metadata=result.metadata,
+    )
 
 
 def _hashed_state(templates: list[Template], version: ModelVersion) -> str:
