@@ -23,6 +23,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import sqlalchemy as sa
 from dagster import __version__ as DAGSTER_VERSION
@@ -166,7 +167,7 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
         except OSError:
             return False
         finally:
-            _remove(partial)
+            Path(partial).unlink(missing_ok=True)
 
     def _template(self) -> str | None:
         template = self.template_path()
@@ -184,7 +185,7 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
         finally:
             engine.dispose()
             for leftover in (partial, f"{partial}-wal", f"{partial}-shm"):
-                _remove(leftover)
+                Path(leftover).unlink(missing_ok=True)
 
     def wipe(self) -> None:
         self._engines.dispose()  # the run files are deleted: no connection may stay open on them
@@ -227,13 +228,6 @@ class PooledSqliteStorage(DagsterSqliteStorage):
     def from_config_value(cls, inst_data: ConfigurableClassData, config_value) -> PooledSqliteStorage:
         mkdir_p(config_value["base_dir"])
         return cls(inst_data=inst_data, **config_value)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _directory(base_dir: str, *parts: str) -> str:
