@@ -14,6 +14,7 @@ import pytest
 from embedding_assets.defs import checks
 from embedding_assets.defs.io_managers import MISSING, IntermediateIOManager, recall
 from embedding_assets.defs.resources import FaqWorkbook
+from embedding_assets.lib import hashing
 from embedding_assets.store.sqlite import SqliteStore
 from embedding_assets_tests.conftest import SAMPLE_FAQ, read_rows, write_rows
 from embedding_assets_tests.pipeline import KEY, run_pipeline, store_checks
@@ -71,6 +72,23 @@ def test_a_kept_store_check_result_hashes_nothing(built, monkeypatch):
     assert again.checks["store_matches_faq"].passed
     assert again.checks["store_matches_faq"].metadata["reevaluated"].value is False
     assert hashed == []
+
+
+def test_an_edited_faq_is_hashed_once_by_its_run_and_checked_against_the_new_generation(built, monkeypatch):
+    faq, store, instance, _ = built
+    header, *rows = read_rows(faq)
+    rows[3][6] = rows[3][6] + " Уточнение."
+    write_rows(faq, [header, *rows])
+    hashed_lengths = []
+    original = hashing._hash_version_templates
+    monkeypatch.setattr(
+        hashing, "_hash_version_templates", lambda items, version: hashed_lengths.append(len(items)) or original(items, version)
+    )
+    edited = run_checked(faq, store, instance)
+    assert edited.plan["modified"] == 1
+    assert edited.checks["store_matches_faq"].passed
+    assert edited.checks["store_matches_faq"].metadata["reevaluated"].value is True
+    assert hashed_lengths == [90]  # template_hashes; the check compares the new generation with those hashes
 
 
 def test_the_same_bytes_saved_again_are_recalled_and_one_edited_answer_is_exactly_one_change(built):

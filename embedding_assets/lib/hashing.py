@@ -63,13 +63,20 @@ def hash_version_templates(templates: list[Template], version: ModelVersion) -> 
     Hashing the same list object again as the same texts returns the previous result (a run's checks
     hash the FAQ its plan already hashed); the lists passed here are never changed in place.
     """
-    views = _views_key(version)
-    last_templates, last_views, last_result = _LAST_HASHED
-    if last_templates is templates and last_views == views and len(last_result) == len(templates):
-        return list(last_result)
+    known = hashed_if_known(templates, version)
+    if known is not None:
+        return known
     hashed = _hash_version_templates(templates, version)
-    _LAST_HASHED[:] = [templates, views, hashed]
+    _LAST_HASHED[:] = [templates, _views_key(version), hashed]
     return list(hashed)
+
+
+def hashed_if_known(templates: list[Template], version: ModelVersion) -> list[HashedTemplate] | None:
+    """What hash_version_templates returned for this very list and version, if it is the last one hashed."""
+    last_templates, last_views, last_result = _LAST_HASHED
+    if last_templates is templates and last_views == _views_key(version) and len(last_result) == len(templates):
+        return list(last_result)
+    return None
 
 
 def remember_hashed(templates: list[Template], version: ModelVersion, hashed: list[HashedTemplate]) -> None:
