@@ -2,13 +2,17 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
 
 from embedding_assets.lib.faq import Template
 from embedding_assets_tests.conftest import make_template
-from embedding_assets.lib.hashing import HashedTemplate, content_hash, hash_templates, render_text
-from embedding_assets.lib.model_versions import DEFAULT_TEXT_TEMPLATE
+from embedding_assets.lib.hashing import (
+    HashedTemplate, content_hash, hash_templates, hash_version_templates, hashed_if_known, render_text,
+)
+from embedding_assets.lib.model_versions import DEFAULT_TEXT_TEMPLATE, ModelVersion
 from embedding_assets.lib.plan import ChangePlan, StoredTemplate, build_change_plan
+from embedding_assets.lib.verification import compare_store
 
 KEY = "test-v1"
 
@@ -264,3 +268,16 @@ def test_rebuild_counts() -> None:
     )
     assert plan.counts() == {"new": 3, "modified": 0, "deleted": 0, "unchanged": 0, "metadata_updated": 0}
     assert len(plan.texts_to_embed()) == 3
+
+
+def test_a_store_compared_with_another_list_keeps_the_run_hashes_cached() -> None:
+    version = ModelVersion("v", "local", "m", 2, text_template=DEFAULT_TEXT_TEMPLATE)
+    run_list = [make_template(n) for n in range(3)]
+    other_list = [make_template(n) for n in range(3)]
+    hashed = hash_version_templates(run_list, version)
+    report = compare_store(
+        version, other_list, [h.template_id for h in hashed], [h.content_hash for h in hashed],
+        np.ones((3, 2), dtype=np.float32),
+    )
+    assert report.healthy
+    assert hashed_if_known(run_list, version) == hashed

@@ -80,9 +80,9 @@ def test_an_edited_faq_is_hashed_once_by_its_run_and_checked_against_the_new_gen
     rows[3][6] = rows[3][6] + " Уточнение."
     write_rows(faq, [header, *rows])
     hashed_lengths = []
-    original = hashing._hash_version_templates
+    original = hashing.hash_templates_uncached
     monkeypatch.setattr(
-        hashing, "_hash_version_templates", lambda items, version: hashed_lengths.append(len(items)) or original(items, version)
+        hashing, "hash_templates_uncached", lambda items, version: hashed_lengths.append(len(items)) or original(items, version)
     )
     edited = run_checked(faq, store, instance)
     assert edited.plan["modified"] == 1

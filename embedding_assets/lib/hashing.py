@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from embedding_assets.lib.faq import Template
@@ -66,12 +67,12 @@ def hash_version_templates(templates: list[Template], version: ModelVersion) -> 
     known = hashed_if_known(templates, version)
     if known is not None:
         return known
-    hashed = _hash_version_templates(templates, version)
+    hashed = hash_templates_uncached(templates, version)
     _LAST_HASHED[:] = [templates, _views_key(version), hashed]
     return list(hashed)
 
 
-def hashed_if_known(templates: list[Template], version: ModelVersion) -> list[HashedTemplate] | None:
+def hashed_if_known(templates: Sequence[Template], version: ModelVersion) -> list[HashedTemplate] | None:
     """What hash_version_templates returned for this very list and version, if it is the last one hashed."""
     last_templates, last_views, last_result = _LAST_HASHED
     if last_templates is templates and last_views == _views_key(version) and len(last_result) == len(templates):
@@ -88,7 +89,8 @@ def _views_key(version: ModelVersion) -> tuple:
     return (version.text_template, tuple((v.name, v.text_template) for v in version.views))
 
 
-def _hash_version_templates(templates: list[Template], version: ModelVersion) -> list[HashedTemplate]:
+def hash_templates_uncached(templates: list[Template], version: ModelVersion) -> list[HashedTemplate]:
+    """hash_version_templates without its cache, which is neither read nor replaced."""
     if not version.views:
         return hash_templates(templates, version.text_template)
     hashed = []

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from embedding_assets.lib.faq import Template
-from embedding_assets.lib.hashing import HashedTemplate, hash_version_templates, hashed_if_known
+from embedding_assets.lib.hashing import HashedTemplate, hash_templates_uncached, hashed_if_known
 from embedding_assets.lib.model_versions import ModelVersion
 from embedding_assets.lib.plan import StoredTemplate
 
@@ -73,7 +73,7 @@ def compare_store(
     matrix: np.ndarray,
 ) -> StoreReport:
     """Compare a version's published rows and vectors with the FAQ's templates."""
-    expected = {h.template_id: h.content_hash for h in _hashed_in_chunks(version, templates)}
+    expected = {h.template_id: h.content_hash for h in _hashed_for(version, templates)}
     stored = dict(zip(stored_ids, stored_hashes))
     if matrix.shape != (len(stored_ids), version.dimension):
         return StoreReport(
@@ -91,15 +91,15 @@ def compare_store(
     )
 
 
-def _hashed_in_chunks(version: ModelVersion, templates: Sequence[Template]) -> Iterator[HashedTemplate]:
+def _hashed_for(version: ModelVersion, templates: Sequence[Template]) -> Iterator[HashedTemplate]:
     """The templates hashed as `version` embeds them: the run's hashes when this list was just hashed,
-    else a chunk at a time, so the rendered texts are not all held at once."""
-    known = hashed_if_known(templates, version) if isinstance(templates, list) else None
+    else a chunk at a time (the rendered texts are not all held at once, and the run's hashes stay cached)."""
+    known = hashed_if_known(templates, version)
     if known is not None:
         yield from known
         return
     for start in range(0, len(templates), _HASHED_AT_ONCE):
-        yield from hash_version_templates(list(templates[start : start + _HASHED_AT_ONCE]), version)
+        yield from hash_templates_uncached(list(templates[start : start + _HASHED_AT_ONCE]), version)
 
 
 def mark_for_repair(published: Mapping[str, StoredTemplate], ids: Sequence[str]) -> dict[str, StoredTemplate]:
