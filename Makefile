@@ -6,6 +6,8 @@ DG := VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/dg
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 BENCH_TEXTS ?= 2000
 UI_PORT ?= 3000
+# Test worker processes: one per core by default; 0 runs the suite in this process.
+TEST_WORKERS ?= auto
 SAMPLE_QUERY ?= украли телефон, а на нём приложение банка — что делать?
 
 .PHONY: run test check ui serve bench bench-peer clean
@@ -27,8 +29,8 @@ run: $(VENV)/.installed  ## materialize the store from data/faq.xlsx with the lo
 	$(BIN)/embedding-assets status
 	$(BIN)/embedding-assets search "$(SAMPLE_QUERY)"
 
-test: $(VENV)/.installed-test  ## the whole test suite
-	$(BIN)/python -m pytest
+test: $(VENV)/.installed-test  ## the whole test suite, a test file per worker process (TEST_WORKERS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 check: $(VENV)/.installed  ## `dg check defs`: the code location loads and its definitions are valid
 	$(BIN)/python -c "from embedding_assets import settings; settings.dagster_home()"

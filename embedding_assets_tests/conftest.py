@@ -148,12 +148,30 @@ def sqlite_store_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'store.db'}"
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
-    from embedding_assets_tests.reliability import FIGURES
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """The figures a test recorded travel in its report (from a worker process to the session's summary)."""
+    from embedding_assets_tests.reliability import take_figures
 
-    if FIGURES:
+    outcome = yield
+    if call.when == "call":
+        outcome.get_result().user_properties.extend((FIGURE_PROPERTY, figure) for figure in take_figures())
+
+
+FIGURE_PROPERTY = "reliability figure"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    figures = [
+        value
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        for name, value in getattr(report, "user_properties", ())
+        if name == FIGURE_PROPERTY and getattr(report, "when", None) == "call"
+    ]
+    if figures:
         terminalreporter.section("reliability figures")
-        for name, text in FIGURES:
+        for name, text in figures:
             terminalreporter.write_line(f"{name}: {text}")
 
 
