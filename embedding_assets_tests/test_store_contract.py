@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from embedding_assets.lib.faq import Template
 from embedding_assets.lib.hashing import hash_templates
 from embedding_assets.lib.model_versions import ModelVersion
-from embedding_assets.lib.plan import ChangePlan, StoredTemplate, build_change_plan
+from embedding_assets.lib.plan import ChangePlan, PublishedTemplates, StoredTemplate, build_change_plan
 from embedding_assets.store import (
     ModelVersionMismatchError,
     PostgresStore,
@@ -102,6 +103,30 @@ def store_url(request, tmp_path: Path) -> str:
 def store(store_url: str):
     with open_store(store_url) as opened:
         yield opened
+
+
+def test_published_templates_are_untracked_rows_that_plan_as_their_stored_templates_do(store) -> None:
+    templates = [make_template(n) for n in range(1, 6)]
+    publish(store, V4, templates, {t.template_id: vector_for(n) for n, t in enumerate(templates, start=1)})
+    _, published = store.published(V4.key)
+    gc.collect()
+    assert isinstance(published, PublishedTemplates)
+    assert [gc.is_tracked(row) for row in published.rows.values()] == [False] * 5
+    assert {tid: published[tid] for tid in published} == {t.template_id: stored(t) for t in templates}
+    assert "T-9" not in published and len(published) == 5
+    edited = [
+        replace(templates[0], answer="Новый ответ."),  # modified
+        replace(templates[1], priority="низкий"),  # a field outside the text: metadata only
+        *templates[2:4],  # T-5 deleted
+        make_template(6),  # new
+    ]
+    hashed = hash_templates(edited, V4.text_template)
+    from_rows = build_change_plan(hashed, published, model_version=V4.key, base_generation=1)
+    as_objects = {tid: published[tid] for tid in published}
+    assert from_rows == build_change_plan(hashed, as_objects, model_version=V4.key, base_generation=1)
+    assert [[i.template_id for i in items] for items in (from_rows.new, from_rows.modified, from_rows.unchanged,
+                                                         from_rows.metadata_updated)] + [from_rows.deleted] == [
+        ["T-6"], ["T-1"], ["T-2", "T-3", "T-4"], ["T-2"], ["T-5"]]
 
 
 def test_url_selects_backend_and_new_store_is_empty(store_url: str, store) -> None:

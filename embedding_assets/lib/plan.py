@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import operator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from embedding_assets.lib.batching import approximate_tokens, plan_batches
@@ -27,13 +28,42 @@ class StoredTemplate:
     audience: str
     source_row: int
 
-    def same_fields(self, item: HashedTemplate) -> bool:
-        """Whether every field but the id and the content hash equals the template's."""
-        return all(getattr(self, name) == getattr(item.template, name) for name in EDITABLE_FIELDS)
-
 
 EDITABLE_FIELDS = tuple(StoredTemplate.__dataclass_fields__)[2:]
 """The fields a template can change without changing its vector's identity (all but id and hash)."""
+_STORED_FIELDS = operator.attrgetter(*StoredTemplate.__dataclass_fields__)
+_EDITABLE_VALUES = operator.attrgetter(*EDITABLE_FIELDS)
+
+
+class PublishedTemplates(Mapping[str, StoredTemplate]):
+    """A version's published templates by id, held as the plain tuples the store reads (StoredTemplate's
+    field order), which the cycle collector does not track; a StoredTemplate is built when one is asked for."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: dict[str, tuple]):
+        self.rows = rows
+
+    @classmethod
+    def of(cls, templates: Mapping[str, StoredTemplate]) -> PublishedTemplates:
+        if isinstance(templates, PublishedTemplates):
+            return templates
+        return cls({tid: _STORED_FIELDS(stored) for tid, stored in templates.items()})
+
+    def __getitem__(self, template_id: str) -> StoredTemplate:
+        return StoredTemplate(*self.rows[template_id])
+
+    def __contains__(self, template_id: object) -> bool:
+        return template_id in self.rows
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return f"PublishedTemplates({len(self.rows)} templates)"
 
 
 @dataclass(frozen=True)
@@ -94,19 +124,21 @@ def build_change_plan(
         return ChangePlan(
             model_version, base_generation, new=list(current), deleted=[], rebuild=True, base_store_id=base_store_id
         )
+    published = PublishedTemplates.of(published)
+    rows = published.rows
     new, modified, unchanged, metadata_updated = [], [], [], []
     for item in current:
-        stored = published.get(item.template_id)
-        if stored is None:
+        row = rows.get(item.template_id)
+        if row is None:
             new.append(item)
-        elif stored.content_hash != item.content_hash:
+        elif row[1] != item.content_hash:
             modified.append(item)
         else:
             unchanged.append(item)
-            if not stored.same_fields(item):
+            if row[2:] != _EDITABLE_VALUES(item.template):
                 metadata_updated.append(item)
     current_ids = {item.template_id for item in current}
-    deleted = sorted(tid for tid in published if tid not in current_ids)
+    deleted = sorted(tid for tid in rows if tid not in current_ids)
     return ChangePlan(
         model_version, base_generation, new, modified, unchanged, metadata_updated, deleted, base=published,
         base_store_id=base_store_id,

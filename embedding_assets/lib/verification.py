@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from embedding_assets.lib.faq import Template
 from embedding_assets.lib.hashing import HashedTemplate, hash_templates_uncached, hashed_if_known
 from embedding_assets.lib.model_versions import ModelVersion
-from embedding_assets.lib.plan import StoredTemplate
+from embedding_assets.lib.plan import PublishedTemplates, StoredTemplate
 
 LISTED = 20
 _HASHED_AT_ONCE = 1000
@@ -102,13 +102,15 @@ def _hashed_for(version: ModelVersion, templates: Sequence[Template]) -> Iterato
         yield from hash_templates_uncached(list(templates[start : start + _HASHED_AT_ONCE]), version)
 
 
-def mark_for_repair(published: Mapping[str, StoredTemplate], ids: Sequence[str]) -> dict[str, StoredTemplate]:
+def mark_for_repair(published: Mapping[str, StoredTemplate], ids: Sequence[str]) -> PublishedTemplates:
     """The published templates with the given ids' hashes cleared, so a change plan republishes them."""
+    published = PublishedTemplates.of(published)
     marked = set(ids)
-    return {
-        tid: replace(stored, content_hash=REPAIR_MARK) if tid in marked else stored
-        for tid, stored in published.items()
-    }
+    if not marked:
+        return published
+    return PublishedTemplates(
+        {tid: (row[0], REPAIR_MARK, *row[2:]) if tid in marked else row for tid, row in published.rows.items()}
+    )
 
 
 def compare_published(

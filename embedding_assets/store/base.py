@@ -16,7 +16,7 @@ import numpy as np
 from embedding_assets.lib.embedders import EmbeddingError, VectorCache, check_vectors
 from embedding_assets.lib.hashing import HashedTemplate
 from embedding_assets.lib.model_versions import OPENAI_TRANSPORT_SETTINGS, ModelVersion
-from embedding_assets.lib.plan import EDITABLE_FIELDS, ChangePlan, StoredTemplate
+from embedding_assets.lib.plan import EDITABLE_FIELDS, ChangePlan, PublishedTemplates, StoredTemplate
 
 
 BUSY_TIMEOUT_ENV = "EMBEDDING_ASSETS_BUSY_TIMEOUT"
@@ -356,7 +356,7 @@ class EmbeddingStore(Protocol):
 
     def version(self, key: str) -> VersionInfo | None: ...
 
-    def published(self, key: str) -> tuple[VersionInfo | None, dict[str, StoredTemplate]]: ...
+    def published(self, key: str) -> tuple[VersionInfo | None, PublishedTemplates]: ...
 
     def published_hashes(self, key: str) -> tuple[VersionInfo | None, dict[str, str]]: ...
 

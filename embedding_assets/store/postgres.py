@@ -26,7 +26,7 @@ from psycopg2 import sql
 from psycopg2.extras import execute_values
 
 from embedding_assets.lib.model_versions import ModelVersion
-from embedding_assets.lib.plan import StoredTemplate
+from embedding_assets.lib.plan import PublishedTemplates, StoredTemplate
 from embedding_assets.store.base import (
     EDITABLE_FIELDS,
     INTEGER_FIELDS,
@@ -287,9 +287,9 @@ class PostgresSession:
     def set_row_count(self, key: str, rows: int) -> None:
         self._run("UPDATE {schema}.model_versions SET rows = %s WHERE key = %s", (rows, key))
 
-    def templates(self, key: str) -> dict[str, StoredTemplate]:
+    def templates(self, key: str) -> PublishedTemplates:
         self._run("SELECT {columns} FROM {schema}.templates WHERE model_version = %s", (key,))
-        return {r[0]: StoredTemplate(*r) for r in self.cur.fetchall()}
+        return PublishedTemplates({r[0]: r for r in self.cur.fetchall()})
 
     def template_hashes(self, key: str) -> dict[str, str]:
         self._run("SELECT template_id, content_hash FROM {schema}.templates WHERE model_version = %s", (key,))

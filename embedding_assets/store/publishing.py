@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from embedding_assets.lib.model_versions import ModelVersion
-from embedding_assets.lib.plan import ChangePlan, StoredTemplate, build_change_plan
+from embedding_assets.lib.plan import ChangePlan, PublishedTemplates, StoredTemplate, build_change_plan
 from embedding_assets.store.base import (
     ModelVersionMismatchError,
     NothingToRollBackError,
@@ -63,7 +63,7 @@ class StoreSession(Protocol):
 
     def set_row_count(self, key: str, rows: int) -> None: ...
 
-    def templates(self, key: str) -> dict[str, StoredTemplate]: ...
+    def templates(self, key: str) -> PublishedTemplates: ...
 
     def template_hashes(self, key: str) -> dict[str, str]:
         """Each published template id's content hash (no other column is read)."""
@@ -206,7 +206,7 @@ class PublishingStore:
         with self._read() as session:
             return self._version(session, key)
 
-    def published(self, key: str) -> tuple[VersionInfo | None, dict[str, StoredTemplate]]:
+    def published(self, key: str) -> tuple[VersionInfo | None, PublishedTemplates]:
         """A version's record and its published templates, read in one transaction."""
         with self._read() as session:
             return self._version(session, key), session.templates(key)

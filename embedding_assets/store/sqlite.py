@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from embedding_assets.lib.model_versions import ModelVersion
-from embedding_assets.lib.plan import StoredTemplate
+from embedding_assets.lib.plan import PublishedTemplates
 from embedding_assets.store.base import (
     EDITABLE_FIELDS,
     TEMPLATE_FIELDS,
@@ -290,9 +290,8 @@ class SqliteSession:
     def set_row_count(self, key: str, rows: int) -> None:
         self.conn.execute("UPDATE model_versions SET rows = ? WHERE key = ?", (rows, key))
 
-    def templates(self, key: str) -> dict[str, StoredTemplate]:
-        rows = self.conn.execute(_SELECT_TEMPLATES, (key,))
-        return {r[0]: StoredTemplate(*r) for r in rows}
+    def templates(self, key: str) -> PublishedTemplates:
+        return PublishedTemplates({r[0]: r for r in self.conn.execute(_SELECT_TEMPLATES, (key,))})
 
     def template_hashes(self, key: str) -> dict[str, str]:
         return dict(self.conn.execute(_SELECT_HASHES, (key,)))
