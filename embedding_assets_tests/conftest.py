@@ -5,6 +5,15 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+# The local model's OpenMP threads sleep between calls instead of spinning (as the CLI and the service
+# set it), and the worker processes share the cores instead of each starting a thread per core; set
+# before anything loads the model, and inherited by the processes the tests start.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
+
 import dagster as dg
 
 import pytest
