@@ -32,7 +32,8 @@ class StoredTemplate:
 EDITABLE_FIELDS = tuple(StoredTemplate.__dataclass_fields__)[2:]
 """The fields a template can change without changing its vector's identity (all but id and hash)."""
 _STORED_FIELDS = operator.attrgetter(*StoredTemplate.__dataclass_fields__)
-_EDITABLE_VALUES = operator.attrgetter(*EDITABLE_FIELDS)
+editable_values = operator.attrgetter(*EDITABLE_FIELDS)
+"""A template's (or a stored template's) EDITABLE_FIELDS values, as a tuple in that order."""
 
 
 class PublishedTemplates(Mapping[str, StoredTemplate]):
@@ -135,7 +136,7 @@ def build_change_plan(
             modified.append(item)
         else:
             unchanged.append(item)
-            if row[2:] != _EDITABLE_VALUES(item.template):
+            if row[2:] != editable_values(item.template):
                 metadata_updated.append(item)
     current_ids = {item.template_id for item in current}
     deleted = sorted(tid for tid in rows if tid not in current_ids)

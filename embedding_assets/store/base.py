@@ -16,7 +16,7 @@ import numpy as np
 from embedding_assets.lib.embedders import EmbeddingError, VectorCache, check_vectors
 from embedding_assets.lib.hashing import HashedTemplate
 from embedding_assets.lib.model_versions import OPENAI_TRANSPORT_SETTINGS, ModelVersion
-from embedding_assets.lib.plan import EDITABLE_FIELDS, ChangePlan, PublishedTemplates, StoredTemplate
+from embedding_assets.lib.plan import ChangePlan, PublishedTemplates, StoredTemplate, editable_values
 
 
 BUSY_TIMEOUT_ENV = "EMBEDDING_ASSETS_BUSY_TIMEOUT"
@@ -163,8 +163,7 @@ def column_definitions(types: Mapping[str, str], names: Sequence[str] = TEMPLATE
 
 def template_row(item: HashedTemplate) -> tuple:
     """A template's column values in TEMPLATE_FIELDS order."""
-    t = item.template
-    return (item.template_id, item.content_hash, *(getattr(t, name) for name in EDITABLE_FIELDS))
+    return (item.template_id, item.content_hash, *editable_values(item.template))
 
 
 def editable_row(item: HashedTemplate) -> tuple:

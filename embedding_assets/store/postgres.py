@@ -26,9 +26,8 @@ from psycopg2 import sql
 from psycopg2.extras import execute_values
 
 from embedding_assets.lib.model_versions import ModelVersion
-from embedding_assets.lib.plan import PublishedTemplates, StoredTemplate
+from embedding_assets.lib.plan import EDITABLE_FIELDS, PublishedTemplates, StoredTemplate
 from embedding_assets.store.base import (
-    EDITABLE_FIELDS,
     INTEGER_FIELDS,
     TEMPLATE_FIELDS,
     VERSION_FIELDS,

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from embedding_assets.lib.model_versions import ModelVersion
-from embedding_assets.lib.plan import PublishedTemplates
+from embedding_assets.lib.plan import EDITABLE_FIELDS, PublishedTemplates
 from embedding_assets.store.base import (
-    EDITABLE_FIELDS,
     TEMPLATE_FIELDS,
     VERSION_FIELDS,
     ForeignDatabaseError,
