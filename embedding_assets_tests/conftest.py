@@ -157,6 +157,9 @@ def sqlite_store_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'store.db'}"
 
 
+FIGURE_PROPERTY = "reliability figure"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """The figures a test recorded travel in its report (from a worker process to the session's summary)."""
@@ -167,16 +170,13 @@ def pytest_runtest_makereport(item, call):
         outcome.get_result().user_properties.extend((FIGURE_PROPERTY, figure) for figure in take_figures())
 
 
-FIGURE_PROPERTY = "reliability figure"
-
-
 def pytest_terminal_summary(terminalreporter) -> None:
     figures = [
         value
         for reports in terminalreporter.stats.values()
         for report in reports
         for name, value in getattr(report, "user_properties", ())
-        if name == FIGURE_PROPERTY and getattr(report, "when", None) == "call"
+        if name == FIGURE_PROPERTY
     ]
     if figures:
         terminalreporter.section("reliability figures")
