@@ -54,6 +54,26 @@ def test_render_text_default_template() -> None:
     assert render_text(t, DEFAULT_TEXT_TEMPLATE) == "Подкатегория 1: Вопрос номер 1?\nОтвет номер 1."
 
 
+@pytest.mark.parametrize("text_template", [
+    DEFAULT_TEXT_TEMPLATE, "{category}|{subcategory}|{question}|{answer}|{priority}|{audience}",
+    "{question!r:>60} {{literal}}", "{question}",
+])
+def test_hash_templates_equals_render_text_then_sha256(text_template: str) -> None:
+    templates = [_template(i) for i in range(1, 4)]
+    expected = [
+        HashedTemplate(t, render_text(t, text_template), content_hash(render_text(t, text_template))) for t in templates
+    ]
+    assert hash_templates(templates, text_template) == expected
+
+
+@pytest.mark.parametrize("text_template", ["{template_id}: {question}", "{source_row}", "{missing}", "{question"])
+def test_hash_templates_fails_as_render_text_on_a_field_a_version_may_not_name(text_template: str) -> None:
+    with pytest.raises((KeyError, ValueError)) as rendered:
+        render_text(_template(1), text_template)
+    with pytest.raises(rendered.type, match=str(rendered.value)):
+        hash_templates([_template(1)], text_template)
+
+
 def test_render_text_custom_template_uses_all_fields() -> None:
     t = _template(1)
     text = render_text(t, "{category}|{subcategory}|{question}|{answer}|{priority}|{audience}")

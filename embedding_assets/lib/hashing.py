@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import string
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import repeat
 
 from embedding_assets.lib.faq import Template
 from embedding_assets.lib.model_versions import ModelVersion
@@ -47,11 +50,34 @@ def render_text(template: Template, text_template: str) -> str:
     return text_template.format(**template.fields())
 
 
+@lru_cache(maxsize=64)
+def _renderer(text_template: str) -> Callable[[Template], str]:
+    """render_text for one text template: formatted from the template's own attributes when it names
+    only its text fields (what a model version may name), else through render_text (which then raises)."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(text_template) if name is not None}
+    except ValueError:
+        names = None
+    if names is None or not names <= _TEXT_FIELDS:
+        return lambda template: render_text(template, text_template)
+    format_fields = text_template.format_map
+    return lambda template: format_fields(template.__dict__)
+
+
+_TEXT_FIELDS = frozenset(Template.__dataclass_fields__) - {"template_id", "source_row"}
+_new_hashed = object.__new__
+
+
 def hash_templates(templates: list[Template], text_template: str) -> list[HashedTemplate]:
-    hashed = []
-    for template in templates:
-        text = render_text(template, text_template)
-        hashed.append(HashedTemplate(template=template, text=text, content_hash=content_hash(text)))
+    render, sha256 = _renderer(text_template), hashlib.sha256
+    hashed = list(map(_new_hashed, repeat(HashedTemplate, len(templates))))
+    for item, template in zip(hashed, templates):  # the frozen __init__ sets each field through object.__setattr__
+        text = render(template)
+        fields = item.__dict__
+        fields["template"] = template
+        fields["text"] = text
+        fields["content_hash"] = sha256(text.encode("utf-8")).hexdigest()
+        fields["view_texts"] = fields["view_hashes"] = ()
     return hashed
 
 
@@ -93,9 +119,10 @@ def hash_templates_uncached(templates: list[Template], version: ModelVersion) ->
     """hash_version_templates without its cache, which is neither read nor replaced."""
     if not version.views:
         return hash_templates(templates, version.text_template)
+    renderers = [_renderer(view.text_template) for view in version.views]
     hashed = []
     for template in templates:
-        texts = tuple(render_text(template, view.text_template) for view in version.views)
+        texts = tuple(render(template) for render in renderers)
         hashes = tuple(content_hash(text) for text in texts)
         combined = content_hash("\n".join(f"{v.name}:{h}" for v, h in zip(version.views, hashes, strict=True)))
         hashed.append(HashedTemplate(template, texts[0], combined, texts, hashes))
