@@ -69,14 +69,14 @@ _new_hashed = object.__new__
 
 
 def hash_templates(templates: list[Template], text_template: str) -> list[HashedTemplate]:
-    render, sha256 = _renderer(text_template), hashlib.sha256
+    render = _renderer(text_template)
     hashed = list(map(_new_hashed, repeat(HashedTemplate, len(templates))))
     for item, template in zip(hashed, templates):  # the frozen __init__ sets each field through object.__setattr__
         text = render(template)
         fields = item.__dict__
         fields["template"] = template
         fields["text"] = text
-        fields["content_hash"] = sha256(text.encode("utf-8")).hexdigest()
+        fields["content_hash"] = content_hash(text)
         fields["view_texts"] = fields["view_hashes"] = ()
     return hashed
 
